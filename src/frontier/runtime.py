@@ -1,0 +1,57 @@
+"""Process set-up shared by every entry point (workflow scripts, CLI, workers)."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+
+def quiet_libraries() -> None:
+    os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*register_constant.*")
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def stage_logging(log_path: Optional[str], stage: str, target: str) -> Iterator[logging.Logger]:
+    """Log records to the rule's log file (and one line each to stderr); progress bars stay on stderr."""
+    quiet_libraries()
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    handlers = []
+    if log_path:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(log_path, mode="w")
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handlers.append(fh)
+    sh = logging.StreamHandler(sys.stderr)
+    sh.setLevel(logging.WARNING)
+    sh.setFormatter(logging.Formatter(f"[{stage}] %(levelname)s %(message)s"))
+    handlers.append(sh)
+    for h in handlers:
+        root.addHandler(h)
+    log = logging.getLogger(f"frontier.{stage}")
+    t0 = time.time()
+    log.info("start %s %s", stage, target)
+    try:
+        yield log
+        log.info("done %s %s in %.1fs", stage, target, time.time() - t0)
+    except BaseException:
+        log.exception("failed %s %s after %.1fs", stage, target, time.time() - t0)
+        raise
+    finally:
+        for h in handlers:
+            root.removeHandler(h)
+            h.close()

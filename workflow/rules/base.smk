@@ -1,0 +1,14 @@
+rule base:
+    """Train the embedded model or import an HF checkpoint: the root of every chain."""
+    output:
+        f"{WORK}/{{model}}/_ckpt/manifest.json",
+    params:
+        cfg=stage_cfg("base"),
+        sweep=PLAN.sweep,
+    log:
+        f"{WORK}/logs/base/{{model}}.log",
+    threads: workflow.cores
+    resources:
+        runtime=60,
+    script:
+        "../scripts/base.py"

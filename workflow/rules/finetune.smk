@@ -1,0 +1,19 @@
+rule finetune:
+    """LoLCATs-style recovery (attention transfer, then LoRA) on a DeepSpeed engine.
+
+    One rule = one launcher call (torchrun with `nproc` processes per node)."""
+    input:
+        parent_manifest("finetune"),
+    output:
+        f"{WORK}/{{model}}/{{quant}}/{{attention}}/{{finetune}}/_ckpt/manifest.json",
+    params:
+        cfg=stage_cfg("finetune"),
+        sweep=PLAN.sweep,
+    log:
+        f"{WORK}/logs/finetune/{{model}}/{{quant}}/{{attention}}/{{finetune}}.log",
+    threads: lambda w: point_of("finetune", w).cfg["finetune"]["nproc"]
+    resources:
+        runtime=120,
+        nodes=lambda w: point_of("finetune", w).cfg["finetune"]["nodes"],
+    script:
+        "../scripts/finetune.py"

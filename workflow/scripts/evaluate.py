@@ -1,0 +1,12 @@
+"""Snakemake adapter: rule evaluate → frontier.evaluate.run (writes metrics.json, ok or failed)."""
+from pathlib import Path
+
+from frontier import runtime
+
+sm = snakemake  # noqa: F821 - injected by Snakemake
+with runtime.stage_logging(sm.log[0], "evaluate", sm.output[0]):
+    from frontier import evaluate
+
+    evaluate.run(Path(sm.input[0]).parent, sm.params.cfg, point_id=sm.params.point_id, sweep=sm.params.sweep,
+                 choices=sm.params.choices, overrides=sm.params.overrides, out_path=Path(sm.output[0]),
+                 tracking=sm.config["_tracking"], work_dir=sm.config["_work_dir"])
