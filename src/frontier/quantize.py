@@ -85,7 +85,7 @@ def run(cfg: dict, parent: Path, out_dir: Path, *, tracking_cfg: Optional[dict] 
 
         def write(tmp: Path) -> dict:
             torch.save(quantized_weights(lp.model), tmp / WEIGHTS)
-            return {"quant": {"method": q["method"], "bits": q["bits"], "group_size": q["group_size"],
+            return {"quant": {"device": "cpu", "method": q["method"], "bits": q["bits"], "group_size": q["group_size"],
                               "format": "torch.save (load with weights_only=True)", **facts,
                               **linear_stats(lp.model),
                               "weight_bytes": checkpoint.model_weight_bytes(lp.model)}}
@@ -98,6 +98,8 @@ def run(cfg: dict, parent: Path, out_dir: Path, *, tracking_cfg: Optional[dict] 
 
 def apply_delta(model, ckpt_dir: Path, manifest: dict):
     """Put the stored quantized weights into a model of the parent chain (bit-identical)."""
+    # importing the quantizer registers its tensor types as safe for weights_only loading
+    torchao_config(manifest["config"]["quant"], manifest["quant"].get("device", "cpu"))
     weights = checkpoint.load_tensors(Path(ckpt_dir) / WEIGHTS)
     expected = {name for name, _ in _linears(model)}
     if set(weights) != expected:
