@@ -13,6 +13,16 @@ min_version("9.0")
 
 
 include: "workflow/rules/common.smk"
+
+
+wildcard_constraints:
+    model=r"[^/]+",
+    quant=r"[^/]+",
+    attention=r"[^/]+",
+    finetune=r"[^/]+",
+    eval=r"[^/]+",
+
+
 include: "workflow/rules/base.smk"
 include: "workflow/rules/quantize.smk"
 include: "workflow/rules/surgery.smk"

@@ -10,5 +10,7 @@ rule base:
     threads: workflow.cores
     resources:
         runtime=60,
+    conda:
+        "../envs/frontier.yaml"
     script:
         "../scripts/base.py"

@@ -14,9 +14,11 @@ rule collect:
         ],
     params:
         sweep=PLAN.sweep,
-        out_dir=RESULTS,
+        out_dir=lambda w, output: os.path.dirname(output.runs),
     log:
         f"{WORK}/logs/collect/{PLAN.sweep}.log",
     threads: 1
+    conda:
+        "../envs/frontier.yaml"
     script:
         "../scripts/collect.py"

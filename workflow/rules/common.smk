@@ -1,4 +1,5 @@
 # Grid → wildcards, paths and per-rule configs. Everything comes from frontier.grid.
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -12,20 +13,12 @@ PLAN = grid.plan([f"sweep={SWEEP}", *OVERRIDES])
 WORK = PLAN.globals["work_dir"]
 RESULTS = f"{PLAN.globals['results_dir']}/{PLAN.sweep}"
 JOBS = PLAN.jobs()  # pipeline stage → {stage dir: representative point}
-# Read by the scripts, not a rule param: switching W&B online/offline re-runs nothing.
+# Read by the scripts (not params): switching W&B online/offline re-runs nothing.
 config["_tracking"] = PLAN.globals["tracking"]
 config["_hardware"] = PLAN.globals["hardware"]
 config["_work_dir"] = WORK
 
 print(grid.format_plan(PLAN, max_rows=0), file=sys.stderr)
-
-
-wildcard_constraints:
-    model=r"[^/]+",
-    quant=r"[^/]+",
-    attention=r"[^/]+",
-    finetune=r"[^/]+",
-    eval=r"[^/]+",
 
 
 STAGE_KEYS = {"base": ("model",), "quantize": ("model", "quant"),
@@ -52,7 +45,7 @@ def stage_cfg(stage):
 def parent_manifest(stage):
     """Input: manifest of the nearest non-trivial parent checkpoint."""
     upstream = {"quantize": "model", "surgery": "quant", "finetune": "attention", "evaluate": "finetune"}[stage]
-    return lambda w: point_of(stage, w).ckpt_dir(upstream, WORK) + "/manifest.json"
+    return lambda w: os.path.join(point_of(stage, w).ckpt_dir(upstream, WORK), "manifest.json")
 
 
 def point_param(field):

@@ -15,5 +15,7 @@ rule evaluate:
     threads: 1
     resources:
         runtime=60,
+    conda:
+        "../envs/frontier.yaml"
     script:
         "../scripts/evaluate.py"

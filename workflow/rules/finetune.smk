@@ -15,5 +15,7 @@ rule finetune:
     resources:
         runtime=120,
         nodes=lambda w: point_of("finetune", w).cfg["finetune"]["nodes"],
+    conda:
+        "../envs/frontier.yaml"
     script:
         "../scripts/finetune.py"

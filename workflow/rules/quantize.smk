@@ -12,5 +12,7 @@ rule quantize:
     threads: 1
     resources:
         runtime=30,
+    conda:
+        "../envs/frontier.yaml"
     script:
         "../scripts/quantize.py"

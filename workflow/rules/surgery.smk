@@ -12,5 +12,7 @@ rule surgery:
     threads: 1
     resources:
         runtime=30,
+    conda:
+        "../envs/frontier.yaml"
     script:
         "../scripts/surgery.py"

@@ -1,9 +1,11 @@
 """Snakemake adapter: rule base → frontier.base.run."""
+import sys
 from pathlib import Path
 
-from frontier import runtime
-
 sm = snakemake  # noqa: F821 - injected by Snakemake
+sys.path.insert(0, str(Path(sm.scriptdir).parents[1] / "src"))  # when frontier is not pip-installed
+from frontier import runtime  # noqa: E402
+
 with runtime.stage_logging(sm.log[0], "base", sm.output[0]):
     from frontier import base
 
