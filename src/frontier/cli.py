@@ -62,7 +62,7 @@ def _cost(args) -> int:
         C.validate_section(cfg[g], C.schema_for(g, cfg[g]), g)
     try:
         L, B = int(kv.get("context_len", 4096)), int(kv.get("batch", 1))
-        kv_bits = int(kv.get("kv_bits", 16))
+        kv_bits = int(kv["kv_bits"]) if "kv_bits" in kv else None
     except ValueError as e:
         raise C.ConfigError("context_len", f"context_len, batch and kv_bits are integers ({e})") from e
     if L < 1 or B < 1:

@@ -193,6 +193,32 @@ class TrackingCfg:
 
 
 @dataclass
+class StageResourcesCfg:
+    cpus: int = _f(1, ge=1)
+    gpus: int = _f(0, ge=0)
+    mem_mb: int = _f(4000, ge=100)
+    runtime: int = _f(60, ge=1, doc="minutes")
+
+
+@dataclass
+class StagesResourcesCfg:
+    base: StageResourcesCfg = _f()
+    quantize: StageResourcesCfg = _f()
+    surgery: StageResourcesCfg = _f()
+    finetune: StageResourcesCfg = _f()
+    evaluate: StageResourcesCfg = _f()
+    collect: StageResourcesCfg = _f()
+
+
+@dataclass
+class ResourcesCfg:
+    partition: Optional[str] = _f(None)
+    account: Optional[str] = _f(None)
+    retry_factor: float = _f(1.5, ge=1)
+    stages: StagesResourcesCfg = _f()
+
+
+@dataclass
 class SweepCfg:
     name: str = _f()
     grid: dict = _f({})
@@ -207,8 +233,8 @@ POLYMORPHIC = {
     "finetune": ("method", {"none": FinetuneNoneCfg, "lolcats": LolcatsCfg}),
 }
 SCHEMAS = {"model": ModelCfg, "data": DataCfg, "quant": QuantCfg, "eval": EvalCfg,
-           "hardware": HardwareCfg, "tracking": TrackingCfg}
-TOP_LEVEL_KEYS = set(GROUPS) | {"data", "sweep", "work_dir", "results_dir"}
+           "hardware": HardwareCfg, "tracking": TrackingCfg, "resources": ResourcesCfg}
+TOP_LEVEL_KEYS = set(GROUPS) | {"data", "sweep", "work_dir", "results_dir", "resources"}
 # Methods that need CUDA kernels; rejected at plan time on a CPU-only machine.
 CUDA_ONLY_QUANT: frozenset = frozenset()
 
@@ -297,7 +323,7 @@ def validate_point(cfg: dict, *, cuda_available: Optional[bool] = None) -> None:
     for key in cfg:
         if key not in TOP_LEVEL_KEYS:
             raise ConfigError(key, f"unknown top-level key; allowed: {', '.join(sorted(TOP_LEVEL_KEYS))}")
-    for group in (*GROUPS, "data"):
+    for group in (*GROUPS, "data", "resources"):
         if group not in cfg:
             raise ConfigError(group, "missing")
         validate_section(cfg[group], schema_for(group, cfg[group]), group)

@@ -264,10 +264,10 @@ def plan(cli_overrides: Iterable[str] = (), *, cuda_available: Optional[bool] = 
         if pid in seen_ids:
             continue
         seen_ids.add(pid)
-        glob = {"hardware": cfg["hardware"], "tracking": cfg["tracking"],
+        glob = {"hardware": cfg["hardware"], "tracking": cfg["tracking"], "resources": cfg["resources"],
                 "work_dir": cfg["work_dir"], "results_dir": cfg["results_dir"]}
         if out.globals and any(out.globals[k] != glob[k] for k in glob):
-            raise C.ConfigError("hardware", "hardware, tracking, work_dir and results_dir must be the same for every point of a sweep")
+            raise C.ConfigError("hardware", "hardware, tracking, resources, work_dir and results_dir must be the same for every point of a sweep")
         out.globals = glob
         out.points.append(Point(point_id=pid, choices=names, overrides=overrides, components=tuple(comps), cfg=cfg))
     value_keys = {k for k in axes if "." in k}
@@ -299,7 +299,7 @@ def stage_config(point: Point, stage: str) -> dict:
         return {"attention": cfg["attention"]}
     if stage == "finetune":
         return {"finetune": cfg["finetune"], "data": cfg["data"]}
-    return {k: v for k, v in cfg.items() if k not in ("tracking", "work_dir", "results_dir")}
+    return {k: v for k, v in cfg.items() if k not in ("tracking", "resources", "work_dir", "results_dir")}
 
 
 def format_plan(p: Plan, max_rows: int = 40) -> str:
