@@ -271,6 +271,10 @@ def plan(cli_overrides: Iterable[str] = (), *, cuda_available: Optional[bool] = 
         out.globals = glob
         out.points.append(Point(point_id=pid, choices=names, overrides=overrides, components=tuple(comps), cfg=cfg))
     value_keys = {k for k in axes if "." in k}
+    # a sweep's `set:` value for a group whose axis the command line replaced may match no point
+    cli_groups = {o.split("=", 1)[0] for o in cli if "." not in o.split("=", 1)[0]}
+    value_keys -= {k for k in sweep["set"] if k.split(".", 1)[0] in cli_groups and not any(
+        o.startswith(f"{k}=") for o in cli)}
     for k in sorted(value_keys - used_keys):
         parent = k.rsplit(".", 1)[0]
         allowed: set = set()

@@ -21,7 +21,8 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*register_constant.*")
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    for noisy in ("torch.utils._pytree", "torchao", "torchao.kernel", "torchao.quantization"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 @contextlib.contextmanager
