@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,3 +62,26 @@ def micro_chain(micro_base, tmp_path_factory):
         return parent
 
     return build
+
+
+FAKE_WANDB_KEY = "fk-0123456789abcdef0123456789abcdef01234567"
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile")]
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 1500) -> subprocess.CompletedProcess:
+    """Run the project's Snakefile in `workdir`, W&B offline, with a fake API key in the environment."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_API_KEY": FAKE_WANDB_KEY}
+    env.pop("FRONTIER_NO_WANDB", None)  # integration runs log to W&B (offline)
+    r = subprocess.run([*SNAKEMAKE, "--directory", str(workdir), *args], capture_output=True, text=True, env=env,
+                       timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"snakemake {args} failed:\n{r.stdout[-4000:]}\n{r.stderr[-8000:]}")
+    return r
+
+
+@pytest.fixture(scope="session")
+def ci_sweep(tmp_path_factory) -> Path:
+    """The ci sweep run once, uninterrupted, through collect; returns its working directory."""
+    wd = tmp_path_factory.mktemp("ci_sweep")
+    snakemake(wd, "--cores", "2", "--config", "sweep=ci", "--show-failed-logs")
+    return wd

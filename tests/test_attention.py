@@ -130,6 +130,12 @@ def test_linear_chunked_initial_state_and_padding():
     a, st = linear_attention_chunked(q[:, :, :20], k[:, :, :20], v[:, :, :20], chunk_size=8, return_state=True)
     b = linear_attention_chunked(q[:, :, 20:], k[:, :, 20:], v[:, :, 20:], chunk_size=8, initial_state=st)
     torch.testing.assert_close(torch.cat([a, b], 2), full, atol=1e-5, rtol=0)
+    # the caller's state is not updated in place; the autograd path gives the same numbers
+    st_copy = (st[0].clone(), st[1].clone())
+    linear_attention_chunked(q[:, :, 20:], k[:, :, 20:], v[:, :, 20:], chunk_size=8, initial_state=st)
+    assert torch.equal(st[0], st_copy[0]) and torch.equal(st[1], st_copy[1])
+    qg = q.clone().requires_grad_()
+    torch.testing.assert_close(linear_attention_chunked(qg, k, v, chunk_size=8), full, atol=1e-6, rtol=0)
     # invalid keys contribute nothing, even if they hold NaN
     valid = torch.ones(2, 37, dtype=torch.bool)
     valid[1, :5] = False

@@ -1,33 +1,10 @@
 """The real Snakemake DAG on sweep=ci, end to end through collect."""
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile")]
-
-
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    env.pop("FRONTIER_NO_WANDB", None)  # the integration run logs to W&B (offline)
-    r = subprocess.run([*SNAKEMAKE, "--directory", str(workdir), *args], capture_output=True, text=True, env=env,
-                       timeout=1500)
-    if check and r.returncode != 0:
-        raise AssertionError(f"snakemake {args} failed:\n{r.stdout[-4000:]}\n{r.stderr[-8000:]}")
-    return r
-
-
-@pytest.fixture(scope="module")
-def ci_run(tmp_path_factory):
-    wd = tmp_path_factory.mktemp("ci_sweep")
-    r = snakemake(wd, "--cores", "2", "--config", "sweep=ci", "--show-failed-logs")
-    return wd, r
+from conftest import snakemake
 
 
 @pytest.mark.slow
@@ -54,8 +31,8 @@ def test_bad_override_fails_before_any_job(tmp_path):
 
 
 @pytest.mark.slow
-def test_ci_sweep_end_to_end(ci_run):
-    wd, _ = ci_run
+def test_ci_sweep_end_to_end(ci_sweep):
+    wd = ci_sweep
     res = wd / "results" / "ci"
     runs = pq.read_table(res / "runs.parquet").to_pylist()
     assert len(runs) == 5
@@ -85,7 +62,7 @@ def test_ci_sweep_end_to_end(ci_run):
 
 
 @pytest.mark.slow
-def test_rerun_does_no_work(ci_run):
-    wd, _ = ci_run
+def test_rerun_does_no_work(ci_sweep):
+    wd = ci_sweep
     r = snakemake(wd, "-n", "--config", "sweep=ci")
     assert "Nothing to be done" in r.stdout + r.stderr

@@ -1,0 +1,451 @@
+"""Pure attention kernels: causal linear attention (chunked and recurrent), sliding-window softmax,
+and naive quadratic references used by the tests.
+
+Layout conventions (all functions):
+
+* queries ``q``: ``[B, Hq, L, F]``; keys ``k``: ``[B, Hkv, L, F]``; values ``v``: ``[B, Hkv, L, Dv]``,
+  with ``Hq`` a multiple of ``Hkv`` (grouped-query attention: query head ``h`` reads kv head
+  ``h // (Hq // Hkv)``, the same grouping as transformers' ``repeat_kv``). K/V are never expanded
+  in the PyTorch paths.
+* For linear attention ``q``/``k`` are *already feature-mapped* (non-negative features phi(x)).
+* ``key_valid``: optional ``[B, L]`` bool, False for padding keys. Invalid keys contribute nothing.
+* The linear-attention state is ``(S, z)`` with ``S: [B, Hkv, F, Dv]`` and ``z: [B, Hkv, F]``:
+  ``S = sum_j phi(k_j) v_j^T`` and ``z = sum_j phi(k_j)`` over the keys seen so far.
+
+Normalised causal linear attention: ``out_i = phi(q_i) S_i / (phi(q_i) . z_i + eps)`` where
+``S_i``/``z_i`` include key ``i`` itself.
+
+The chunked form costs O(L * C * F) for the intra-chunk part and O(L * F * Dv) for the inter-chunk
+part (chunk size ``C``), O(L) memory; accumulation happens in float32 (or float64 if given).
+On CUDA, :func:`linear_attention_prefill` uses flash-linear-attention's Triton kernel when ``fla``
+imports; on CPU (and without ``fla``) it always uses the PyTorch chunked form.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "FEATURE_MAPS",
+    "HAS_FLA",
+    "apply_feature_map",
+    "linear_attention_chunked",
+    "linear_attention_prefill",
+    "linear_attention_recurrent",
+    "linear_attention_recurrent_step",
+    "linear_attention_reference",
+    "softmax_attention",
+    "sliding_window_attention",
+    "sliding_window_reference",
+]
+
+LinearState = tuple[torch.Tensor, torch.Tensor]
+
+try:  # optional GPU kernels; never used on CPU
+    from fla.ops.linear_attn import chunk_linear_attn as _fla_chunk_linear_attn  # type: ignore
+
+    HAS_FLA = True
+except Exception:  # ImportError, or a broken triton install
+    _fla_chunk_linear_attn = None
+    HAS_FLA = False
+
+FEATURE_MAPS = ("elu", "relu")
+
+
+def apply_feature_map(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """phi(x) for the supported fixed maps: ``elu`` -> elu(x) + 1, ``relu`` -> relu(x)."""
+    if kind == "elu":
+        return F.elu(x) + 1.0
+    if kind == "relu":
+        return F.relu(x)
+    raise ValueError(f"unknown feature map {kind!r}; allowed: {FEATURE_MAPS}")
+
+
+def apply_feature_map_(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """In-place :func:`apply_feature_map` (inference only: overwrites ``x``)."""
+    if kind == "elu":
+        return F.elu_(x).add_(1.0)
+    if kind == "relu":
+        return F.relu_(x)
+    raise ValueError(f"unknown feature map {kind!r}; allowed: {FEATURE_MAPS}")
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k, v must be 4-D: [B, H, L, D]")
+    hq, hkv = q.shape[1], k.shape[1]
+    if hq % hkv != 0 or v.shape[1] != hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of kv heads ({hkv} keys, {v.shape[1]} values)")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError("k and v must have the same length")
+    return hq // hkv
+
+
+def _mask_keys(
+    k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero keys/values of padding positions (``torch.where``, so NaN/inf there cannot leak)."""
+    if key_valid is None:
+        return k, v
+    m = key_valid[:, None, :, None].to(torch.bool)
+    return torch.where(m, k, torch.zeros((), dtype=k.dtype, device=k.device)), torch.where(
+        m, v, torch.zeros((), dtype=v.dtype, device=v.device)
+    )
+
+
+def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    if groups == 1:
+        return x
+    b, h, n, d = x.shape
+    return x[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
+
+
+# ----------------------------------------------------------------------------------------------
+# linear attention
+# ----------------------------------------------------------------------------------------------
+
+
+def linear_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    eps: float = 1e-6,
+    key_valid: torch.Tensor | None = None,
+    initial_state: LinearState | None = None,
+) -> torch.Tensor:
+    """Naive O(L^2) causal linear attention: ``(phi(Q) phi(K)^T * causal) V`` normalised row-wise.
+
+    ``initial_state`` (optional) is added to every prefix, as if its keys came before position 0.
+    """
+    groups = _check_gqa(q, k, v)
+    out_dtype = v.dtype
+    acc = _acc_dtype(v.dtype)
+    k, v = _mask_keys(k, v, key_valid)
+    qf, kf, vf = q.to(acc), _expand_kv(k.to(acc), groups), _expand_kv(v.to(acc), groups)
+    L = q.shape[2]
+    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    a = (qf @ kf.transpose(-1, -2)).masked_fill(~causal, 0.0)
+    num = a @ vf
+    den = a.sum(-1)
+    if initial_state is not None:
+        s0, z0 = initial_state
+        s0 = _expand_kv(s0.to(acc), groups)
+        z0 = _expand_kv(z0.to(acc)[..., None], groups)[..., 0]
+        num = num + qf @ s0
+        den = den + (qf * z0[:, :, None, :]).sum(-1)
+    return (num / (den[..., None] + eps)).to(out_dtype)
+
+
+def linear_attention_recurrent_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: LinearState | None = None,
+    eps: float = 1e-6,
+    key_valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, LinearState]:
+    """One decoding step per token (loops over ``L``, normally 1). Returns ``(out, (S, z))``.
+
+    The state is kept in float32 (float64 if inputs are float64) whatever the input dtype.
+    """
+    groups = _check_gqa(q, k, v)
+    B, Hq, L, Fd = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    acc = _acc_dtype(v.dtype)
+    k, v = _mask_keys(k, v, key_valid)
+    if state is None:
+        S = torch.zeros(B, Hkv, Fd, Dv, dtype=acc, device=q.device)
+        z = torch.zeros(B, Hkv, Fd, dtype=acc, device=q.device)
+    else:
+        S, z = state[0].to(acc), state[1].to(acc)
+    qg = q.to(acc).view(B, Hkv, groups, L, Fd)
+    kf, vf = k.to(acc), v.to(acc)
+    outs = []
+    for t in range(L):
+        kt, vt = kf[:, :, t], vf[:, :, t]  # [B,Hkv,F], [B,Hkv,Dv]
+        S = S + kt[..., :, None] * vt[..., None, :]
+        z = z + kt
+        qt = qg[:, :, :, t]  # [B,Hkv,G,F]
+        num = torch.einsum("bhgf,bhfd->bhgd", qt, S)
+        den = torch.einsum("bhgf,bhf->bhg", qt, z)
+        outs.append(num / (den[..., None] + eps))
+    out = torch.stack(outs, dim=3).reshape(B, Hq, L, Dv).to(v.dtype)
+    return out, (S, z)
+
+
+def linear_attention_recurrent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: LinearState | None = None,
+    eps: float = 1e-6,
+    key_valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, LinearState]:
+    """Alias of :func:`linear_attention_recurrent_step` (token-by-token over all of ``L``)."""
+    return linear_attention_recurrent_step(q, k, v, state, eps=eps, key_valid=key_valid)
+
+
+def linear_attention_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    chunk_size: int = 64,
+    eps: float = 1e-6,
+    initial_state: LinearState | None = None,
+    return_state: bool = False,
+    key_valid: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, LinearState]:
+    """Chunked causal linear attention in PyTorch (CPU and GPU), O(L) time and memory.
+
+    Within a chunk: masked quadratic ``(phi(Q_c) phi(K_c)^T * tril) V_c`` (one batched matmul over
+    all chunks); per-chunk states ``phi(K_c)^T V_c`` and key sums likewise in one batched matmul;
+    across chunks: a running state over the ``L / C`` chunk states (a short loop of small matmuls;
+    on a quiet 2-core CPU it measured faster than ``cumsum`` over all chunk states + one big matmul,
+    which moves far more memory). The normaliser
+    ``phi(q) . z`` is computed alongside. ``L`` need not be a multiple of ``chunk_size`` (zero
+    padding; zero features contribute nothing). Differentiable (autograd).
+    """
+    if chunk_size < 1:
+        raise ValueError("chunk_size must be >= 1")
+    groups = _check_gqa(q, k, v)
+    B, Hq, L, Fd = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    out_dtype = v.dtype
+    acc = _acc_dtype(v.dtype)
+    k, v = _mask_keys(k, v, key_valid)
+
+    C = min(chunk_size, max(L, 1))
+    N = max(1, math.ceil(L / C))
+    pad = N * C - L
+    qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
+    if pad:
+        qf = F.pad(qf, (0, 0, 0, pad))
+        kf = F.pad(kf, (0, 0, 0, pad))
+        vf = F.pad(vf, (0, 0, 0, pad))
+    qc = qf.reshape(B, Hkv, groups, N, C, Fd)
+    kc = kf.reshape(B, Hkv, N, C, Fd)
+    vc = vf.reshape(B, Hkv, N, C, Dv)
+
+    # intra-chunk (causal, diagonal included); in-place ops only touch matmul outputs (autograd-safe)
+    scores = torch.einsum("bhgncf,bhnmf->bhgncm", qc, kc)
+    tril = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    scores.masked_fill_(~tril, 0.0)
+    num = torch.einsum("bhgncm,bhnmd->bhgncd", scores, vc)
+    den = scores.sum(-1)
+
+    # inter-chunk. Normaliser: prefix sums of per-chunk key sums (small, [B,Hkv,N,F]); numerator: a
+    # running state S over the N chunks.
+    chunk_kv = kc.transpose(-1, -2) @ vc  # [B,Hkv,N,F,Dv]
+    z_incl = kc.sum(3).cumsum(2)  # [B,Hkv,N,F]
+    if initial_state is not None:
+        S = initial_state[0].to(acc)[:, :, None]  # [B,Hkv,1,F,Dv]
+        z0 = initial_state[1].to(acc)[:, :, None]  # [B,Hkv,1,F]
+        z_incl = z_incl + z0
+    else:
+        S = torch.zeros(B, Hkv, 1, Fd, Dv, dtype=acc, device=q.device)
+        z0 = torch.zeros(B, Hkv, 1, Fd, dtype=acc, device=q.device)
+    z_excl = torch.cat([z0, z_incl[:, :, :-1]], dim=2)
+    den = den + torch.einsum("bhgncf,bhnf->bhgnc", qc, z_excl)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (qc, kc, vc, S))
+    if grad:
+        nums = []
+        for n in range(N):
+            nums.append(qc[:, :, :, n] @ S)
+            S = S + chunk_kv[:, :, n, None]
+        num = num + torch.stack(nums, dim=3)
+    else:  # inference: no per-chunk temporaries
+        inter = torch.empty(N, B, Hkv, groups, C, Dv, dtype=acc, device=q.device)
+        S = S.clone()  # never update a caller's (cache's) state in place
+        for n in range(N):
+            torch.matmul(qc[:, :, :, n], S, out=inter[n])
+            S += chunk_kv[:, :, n, None]
+        num += inter.permute(1, 2, 3, 0, 4, 5)
+
+    res = (num / (den + eps)[..., None]).reshape(B, Hq, N * C, Dv)[:, :, :L].to(out_dtype)
+    if not return_state:
+        return res
+    return res, (S[:, :, 0], z_incl[:, :, -1])
+
+
+_FLA_WARNED = False
+
+
+def _linear_attention_fla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    eps: float,
+    initial_state: LinearState | None,
+) -> tuple[torch.Tensor, LinearState]:
+    """flash-linear-attention (``fla.ops.linear_attn.chunk_linear_attn``, [B, T, H, *] layout).
+
+    fla has no GQA here, so K/V (and the state) are expanded to the query heads; the normaliser is
+    the extra all-ones value column (``normalize=False``, ``scale=1``), so the final state carries
+    ``z`` too and an initial state is honoured exactly.
+    """
+    groups = _check_gqa(q, k, v)
+    B, Hq, L, Fd = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    dtype = v.dtype
+    v1 = torch.cat([v, torch.ones(B, Hkv, L, 1, dtype=v.dtype, device=v.device)], dim=-1)
+    ke, ve = _expand_kv(k, groups), _expand_kv(v1, groups)
+    init = None
+    if initial_state is not None:
+        s0, z0 = initial_state
+        init = _expand_kv(torch.cat([s0, z0[..., None]], dim=-1).float(), groups).contiguous()
+    o, final = _fla_chunk_linear_attn(
+        q.transpose(1, 2).contiguous(),
+        ke.transpose(1, 2).contiguous(),
+        ve.transpose(1, 2).contiguous(),
+        scale=1.0,
+        initial_state=init,
+        output_final_state=True,
+        normalize=False,
+    )
+    o = o.transpose(1, 2).float()
+    out = (o[..., :Dv] / (o[..., Dv:] + eps)).to(dtype)
+    final = final.float()[:, ::groups]  # heads of one group hold identical states
+    return out, (final[..., :Dv].contiguous(), final[..., Dv].contiguous())
+
+
+def linear_attention_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    chunk_size: int = 64,
+    eps: float = 1e-6,
+    initial_state: LinearState | None = None,
+    key_valid: torch.Tensor | None = None,
+    use_fla: bool | None = None,
+) -> tuple[torch.Tensor, LinearState]:
+    """Prefill dispatcher: fla's Triton kernel on CUDA when importable, else the PyTorch chunked form."""
+    if use_fla is None:
+        use_fla = HAS_FLA and q.is_cuda
+    if use_fla and _fla_chunk_linear_attn is not None:
+        global _FLA_WARNED
+        try:
+            kk, vv = _mask_keys(k, v, key_valid)
+            return _linear_attention_fla(q, kk, vv, eps, initial_state)
+        except Exception as exc:  # pragma: no cover - GPU only
+            if not _FLA_WARNED:
+                warnings.warn(f"fla chunk_linear_attn failed ({exc!r}); using the PyTorch chunked kernel")
+                _FLA_WARNED = True
+    return linear_attention_chunked(
+        q, k, v, chunk_size=chunk_size, eps=eps, initial_state=initial_state, return_state=True, key_valid=key_valid
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# softmax attention
+# ----------------------------------------------------------------------------------------------
+
+
+def softmax_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    key_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal softmax attention via SDPA (GQA without expanding K/V), padding keys masked.
+
+    Queries are aligned to the end of the keys (query ``i`` sits at key index ``Lk - Lq + i``).
+    A query with no visible key (a left-padding position) gets zeros, as torch's SDPA does.
+    """
+    _check_gqa(q, k, v)
+    Lq, Lk = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if key_valid is None and Lq == Lk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    qpos = torch.arange(Lq, device=q.device) + (Lk - Lq)
+    kpos = torch.arange(Lk, device=q.device)
+    mask = (kpos[None, :] <= qpos[:, None])[None, None]
+    if key_valid is not None:
+        mask = mask & key_valid[:, None, None, :].to(torch.bool)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def sliding_window_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    scale: float | None = None,
+    key_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Naive masked softmax: key ``j`` visible to query ``i`` iff ``i - window < j <= i`` (and valid).
+
+    Positions are key indices; queries are aligned to the end of the keys. Fully masked rows -> 0.
+    """
+    groups = _check_gqa(q, k, v)
+    acc = _acc_dtype(v.dtype)
+    Lq, Lk = q.shape[2], k.shape[2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qf, kf, vf = q.to(acc), _expand_kv(k.to(acc), groups), _expand_kv(v.to(acc), groups)
+    qpos = torch.arange(Lq, device=q.device)[:, None] + (Lk - Lq)
+    kpos = torch.arange(Lk, device=q.device)[None, :]
+    mask = ((kpos <= qpos) & (kpos > qpos - window))[None, None]
+    if key_valid is not None:
+        mask = mask & key_valid[:, None, None, :].to(torch.bool)
+    s = (qf @ kf.transpose(-1, -2)) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    p = torch.nan_to_num(p, nan=0.0)
+    return (p @ vf).to(v.dtype)
+
+
+def sliding_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    scale: float | None = None,
+    key_valid: torch.Tensor | None = None,
+    block_size: int = 256,
+) -> torch.Tensor:
+    """Sliding-window causal softmax, blockwise over query blocks (never an ``Lq x Lk`` mask).
+
+    Key ``j`` is visible to query ``i`` iff ``pos_i - window < j <= pos_i`` where queries are aligned
+    to the end of the keys (``pos_i = Lk - Lq + i``), so a cache holding the last ``window - 1`` keys
+    followed by the new keys works as is. Each query block runs SDPA over its band of at most
+    ``block + window - 1`` keys: O(L * (window + block)) time, O(block * (block + window)) extra memory.
+    """
+    if window < 1:
+        raise ValueError("window must be >= 1")
+    _check_gqa(q, k, v)
+    gqa = q.shape[1] != k.shape[1]
+    Lq, Lk = q.shape[2], k.shape[2]
+    off = Lk - Lq
+    if off < 0:
+        raise ValueError("fewer keys than queries")
+    outs = []
+    bs = max(1, block_size)
+    for s in range(0, Lq, bs):
+        e = min(Lq, s + bs)
+        k0 = max(0, off + s - window + 1)
+        k1 = off + e
+        qpos = torch.arange(s, e, device=q.device)[:, None] + off
+        kpos = torch.arange(k0, k1, device=q.device)[None, :]
+        band = (kpos <= qpos) & (kpos > qpos - window)
+        mask = band[None, None]
+        if key_valid is not None:
+            mask = mask & key_valid[:, None, None, k0:k1].to(torch.bool)
+        outs.append(
+            F.scaled_dot_product_attention(
+                q[:, :, s:e], k[:, :, k0:k1], v[:, :, k0:k1], attn_mask=mask, scale=scale, enable_gqa=gqa
+            )
+        )
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

@@ -1,0 +1,173 @@
+"""swap_attention: replace every decoder layer's ``self_attn`` by the configured attention variant."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.cache_utils import CacheLayerMixin, LinearAttentionCacheLayerMixin
+
+from . import kernels as K
+from .modules import FrontierAttention, LinearAttention, LinearStateLayer, SlidingWindowAttention
+
+__all__ = [
+    "KINDS",
+    "OPTIONS",
+    "OPTION_DEFAULTS",
+    "AlreadySwappedError",
+    "attention_parameters",
+    "cache_state_bytes",
+    "normalize_config",
+    "swap_attention",
+    "set_transfer_mode",
+    "swapped_modules",
+    "transfer_losses",
+]
+
+KINDS = ("softmax", "sliding_window", "linear")
+OPTIONS = ("softmax", "sliding_window", "linear_elu")
+OPTION_DEFAULTS: dict[str, dict] = {
+    "softmax": {"name": "softmax", "kind": "softmax"},
+    "sliding_window": {"name": "sliding_window", "kind": "sliding_window", "window": 64},
+    "linear_elu": {
+        "name": "linear_elu",
+        "kind": "linear",
+        "feature_map": "elu",
+        "learned_map": True,
+        "chunk_size": 64,
+        "eps": 1e-6,
+    },
+}
+_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class AlreadySwappedError(ValueError):
+    """swap_attention was called on a model whose attention modules were already swapped."""
+
+
+def normalize_config(cfg: dict) -> dict:
+    """Validate an attention config dict and fill defaults. Raises ValueError naming the bad key."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"attention cfg must be a dict, got {type(cfg).__name__}")
+    kind = cfg.get("kind")
+    if kind not in KINDS:
+        raise ValueError(f"attention cfg 'kind' must be one of {KINDS}, got {kind!r}")
+    out = dict(cfg)
+    out.setdefault("name", kind)
+    if kind == "sliding_window":
+        w = out.get("window", 64)
+        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+            raise ValueError(f"attention cfg 'window' must be an int >= 1, got {w!r}")
+        out["window"] = w
+    elif kind == "linear":
+        fm = out.setdefault("feature_map", "elu")
+        if fm not in K.FEATURE_MAPS:
+            raise ValueError(f"attention cfg 'feature_map' must be one of {K.FEATURE_MAPS}, got {fm!r}")
+        out["learned_map"] = bool(out.get("learned_map", True))
+        cs = out.setdefault("chunk_size", 64)
+        if isinstance(cs, bool) or not isinstance(cs, int) or cs < 1:
+            raise ValueError(f"attention cfg 'chunk_size' must be an int >= 1, got {cs!r}")
+        eps = float(out.setdefault("eps", 1e-6))
+        if not eps > 0:
+            raise ValueError(f"attention cfg 'eps' must be > 0, got {eps!r}")
+        out["eps"] = eps
+    return out
+
+
+def _decoder_layers(model: nn.Module):
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, (nn.ModuleList, list, tuple)) or len(layers) == 0:
+        raise ValueError(
+            f"swap_attention does not support {type(model).__name__}: expected model.model.layers[i].self_attn "
+            "(LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, ...)"
+        )
+    for i, layer in enumerate(layers):
+        attn = getattr(layer, "self_attn", None)
+        missing = [p for p in _PROJ if not hasattr(attn, p)] if attn is not None else list(_PROJ)
+        if attn is None or missing or not hasattr(attn, "layer_idx") or not hasattr(attn, "head_dim"):
+            raise ValueError(
+                f"swap_attention does not support {type(model).__name__}: layer {i} self_attn "
+                f"({type(attn).__name__}) lacks {missing or 'layer_idx/head_dim'}"
+            )
+    return layers
+
+
+def swap_attention(model: nn.Module, cfg: dict) -> nn.Module:
+    """Swap every ``model.model.layers[i].self_attn`` for the variant in ``cfg`` (in place; returns model).
+
+    ``softmax`` leaves the modules untouched. The q/k/v/o projection modules are reused, so call
+    this after loading weights (and again after every ``from_pretrained``). Records the config on
+    ``model.config.frontier_attention``. Raises ``AlreadySwappedError`` (a ValueError) if the
+    attention modules were already swapped; ValueError for an unsupported model or a bad cfg.
+    """
+    cfg = normalize_config(cfg)
+    layers = _decoder_layers(model)
+    if any(isinstance(layer.self_attn, FrontierAttention) for layer in layers):
+        raise AlreadySwappedError(
+            f"{type(model).__name__} already has swapped attention "
+            f"({getattr(model.config, 'frontier_attention', None)}); build or load a fresh model"
+        )
+    kind = cfg["kind"]
+    if kind != "softmax":
+        cls = SlidingWindowAttention if kind == "sliding_window" else LinearAttention
+        for layer in layers:
+            layer.self_attn = cls(layer.self_attn, cfg)
+    model.config.frontier_attention = dict(cfg)
+    return model
+
+
+def swapped_modules(model: nn.Module) -> list[FrontierAttention]:
+    return [m for m in model.modules() if isinstance(m, FrontierAttention)]
+
+
+def attention_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The swapped modules' own parameters (feature maps, ...; not q/k/v/o), keyed like
+    ``model.named_parameters()``."""
+    out: dict[str, torch.Tensor] = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, FrontierAttention):
+            continue
+        for pname, p in mod.named_parameters():
+            if pname.split(".", 1)[0] in _PROJ:
+                continue
+            out[f"{name}.{pname}" if name else pname] = p
+    return out
+
+
+def set_transfer_mode(model: nn.Module, on: bool) -> list[FrontierAttention]:
+    """Switch attention-transfer mode on/off for every swapped module; returns those modules."""
+    mods = swapped_modules(model)
+    for m in mods:
+        m.transfer_mode = bool(on)
+        m.transfer_loss = None
+    return mods
+
+
+def transfer_losses(model: nn.Module) -> list[torch.Tensor]:
+    """Per-layer MSE(student, teacher) losses from the last forward in transfer mode."""
+    return [m.transfer_loss for m in swapped_modules(model) if m.transfer_loss is not None]
+
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+def cache_state_bytes(cache) -> int:
+    """Bytes held by a transformers Cache: keys/values of KV layers plus linear-attention states."""
+    if cache is None:
+        return 0
+    if hasattr(cache, "self_attention_cache"):  # EncoderDecoderCache
+        return cache_state_bytes(cache.self_attention_cache) + cache_state_bytes(
+            getattr(cache, "cross_attention_cache", None)
+        )
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        if isinstance(layer, LinearStateLayer):
+            total += layer.state_bytes()
+            continue
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            for d in (layer.conv_states, layer.recurrent_states):
+                total += sum(_nbytes(t) for t in d.values())
+        if isinstance(layer, CacheLayerMixin) or hasattr(layer, "keys"):
+            total += _nbytes(getattr(layer, "keys", None)) + _nbytes(getattr(layer, "values", None))
+    return total

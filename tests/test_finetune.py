@@ -1,0 +1,322 @@
+"""Stage `finetune`: DeepSpeed (2 CPU processes, gloo) attention transfer + LoRA, delta reload,
+kill-and-resume, ZeRO-3, int4-quantized frozen base, Slurm launch lines."""
+from __future__ import annotations
+
+import copy
+import json
+import shlex
+import time
+from pathlib import Path
+
+import pytest
+
+from frontier import checkpoint, config, finetune
+from frontier.finetune import engine, launch, lora
+
+
+ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LONG_LORA = {"steps": 40}  # the reference run: long enough for LoRA to move the held-out loss
+
+
+def ft_cfg(zero: int = 2, **over) -> dict:
+    ft = config.compose((("finetune", "lolcats"),))["finetune"]
+    ft.update(nproc=2, nodes=1, zero_stage=zero, precision="fp32", seed=0, checkpoint_every=3)
+    ft["transfer"].update(steps=6, lr=1e-2, seq_len=64, micro_batch=2, grad_accum=1)
+    ft["lora"].update(steps=6, lr=1e-2, seq_len=64, micro_batch=2, grad_accum=2, r=4, alpha=8, targets=ALL_LINEARS)
+    for k, v in over.items():
+        if isinstance(v, dict):
+            ft[k].update(v)
+        else:
+            ft[k] = v
+    config.validate_section(ft, config.LolcatsCfg, "finetune")
+    return ft
+
+
+def data_cfg() -> dict:
+    d = config.compose(())["data"]
+    d["max_mb"] = 0.3
+    return d
+
+
+def logits_of(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def reload_matches_trained(out: Path, debug: Path, parent: Path) -> None:
+    """The chain reloaded from disk gives the trained (in-engine, rank 0) model's logits,
+    and those differ from the parent's: the delta is real and fully re-applied."""
+    saved = checkpoint.load_tensors(debug / "logits.safetensors")
+    ids, trained = saved["input_ids"], saved["logits"]
+    lp = checkpoint.load_point(out)
+    assert [m["stage"] for m in lp.manifests][-1] == "finetune"
+    got = logits_of(lp.model, ids)
+    assert (got - trained).abs().max().item() < 1e-4
+    before = logits_of(checkpoint.load_point(parent).model, ids)
+    assert (before - trained).abs().max().item() > 1e-3
+
+
+# ------------------------------------------------------------------ fast: config, launch lines
+def test_ds_config_from_finetune_cfg():
+    ft = ft_cfg(zero=2, precision="bf16", grad_clip=0.5)
+    c = engine.ds_config(ft, ft["lora"], world=4)
+    assert c["train_micro_batch_size_per_gpu"] == 2 and c["gradient_accumulation_steps"] == 2
+    assert c["train_batch_size"] == 2 * 2 * 4
+    assert c["zero_optimization"]["stage"] == 2 and c["bf16"]["enabled"] is True
+    assert c["gradient_clipping"] == 0.5
+    c3 = engine.ds_config(ft_cfg(zero=3), ft["transfer"], world=2,
+                          overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
+    assert c3["zero_optimization"] == {"stage": 3, "contiguous_gradients": True, "overlap_comm": False,
+                                       "reduce_scatter": True, "stage3_param_persistence_threshold": 0}
+    f = engine.lr_lambda(20)  # 2 warmup steps, cosine down to 10%
+    assert f(0) == pytest.approx(0.5) and f(1) == pytest.approx(1.0)
+    assert f(2) == pytest.approx(1.0) and f(19) > 0.1 and f(30) == pytest.approx(0.1)
+
+
+def test_slurm_lines_one_node_eight_gpus():
+    header, cmd = launch.slurm_lines(1, 8, 64, "400G", "04:00:00", "gpu", "proj42", ["--spec", "/w/spec.json"])
+    assert header == ["#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+                      "#SBATCH --cpus-per-task=64", "#SBATCH --mem=400G", "#SBATCH --time=04:00:00",
+                      "#SBATCH --partition=gpu", "#SBATCH --account=proj42"]
+    argv = shlex.split(cmd.split("&&", 1)[1])
+    assert argv[:2] == ["srun", "--nodes=1"] and "--ntasks-per-node=1" in argv
+    t = argv.index("torchrun")
+    assert argv[t:t + 6] == ["torchrun", "--standalone", "--nnodes", "1", "--nproc_per_node", "8"]
+    assert argv[-4:] == ["-m", "frontier.finetune.worker", "--spec", "/w/spec.json"]
+    assert "PYTHONHASHSEED=0" in cmd
+
+
+def test_slurm_lines_four_nodes_eight_gpus():
+    header, cmd = launch.slurm_lines(4, 8, 32, "200G", "1-00:00:00", None, None, "--spec /w/spec.json")
+    assert "#SBATCH --nodes=4" in header and "#SBATCH --ntasks-per-node=1" in header
+    assert "#SBATCH --gpus-per-node=8" in header and not any("partition" in h or "account" in h for h in header)
+    prefix, srun = cmd.split("&&", 1)
+    assert 'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"' in prefix
+    argv = shlex.split(srun)
+    assert argv[0] == "srun" and "--nodes=4" in argv and "--ntasks-per-node=1" in argv  # one torchrun per node
+    t = argv.index("torchrun")
+    tr = argv[t:]
+    assert "--standalone" not in tr
+    assert tr[tr.index("--nnodes") + 1] == "4" and tr[tr.index("--nproc_per_node") + 1] == "8"
+    assert tr[tr.index("--rdzv_backend") + 1] == "c10d"
+    assert tr[tr.index("--rdzv_endpoint") + 1] == "$MASTER_ADDR:29500"  # expanded by the batch shell
+    assert tr[tr.index("--rdzv_id") + 1] == "$SLURM_JOB_ID"
+    assert tr[-4:] == ["-m", "frontier.finetune.worker", "--spec", "/w/spec.json"]
+
+
+def test_local_command_and_env():
+    cmd = launch.local_command(2, ["--spec", "s.json"], python="py")
+    assert cmd == ["py", "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
+                   "-m", "frontier.finetune.worker", "--spec", "s.json"]
+    env = launch.worker_env({"PATH": "/bin"}, cuda=False, nproc=2)
+    assert env["DS_ACCELERATOR"] == "cpu" and env["PYTHONHASHSEED"] == "0"
+    assert int(env["OMP_NUM_THREADS"]) >= 1
+    gpu = launch.worker_env({"DS_ACCELERATOR": "cpu"}, cuda=True)
+    assert "DS_ACCELERATOR" not in gpu and gpu["OMP_NUM_THREADS"] == "1"
+    with pytest.raises(RuntimeError, match="Slurm allocation"):
+        launch.command({"nodes": 2, "nproc": 8}, "s.json", cuda=False, env={})
+
+
+def test_run_rejects_method_none(micro_base, tmp_path):
+    with pytest.raises(ValueError, match="lolcats"):
+        finetune.run({"finetune": {"name": "none", "method": "none"}, "data": data_cfg()}, micro_base,
+                     tmp_path / "_ckpt")
+
+
+# ------------------------------------------------------------------ fast: LoRA over int4, apply_delta
+def _tiny_llama():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_lora_trains_through_packed_int4_linears():
+    """torchao's CPU packed int4 kernel has no autograd formula; the patch gives it the exact
+    input gradient (that of the dense weight the kernel uses) without changing the forward."""
+    import torch
+    import torch.nn.functional as F
+    from torchao.quantization import quantize_
+    from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+
+    model = _tiny_llama()
+    quantize_(model, PrototypeInt4WeightOnlyConfig(group_size=32),
+              filter_fn=lambda m, n: isinstance(m, torch.nn.Linear) and "lm_head" not in n)
+    x = torch.randint(0, 128, (2, 16))
+    ref = logits_of(model, x)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    patched = lora.make_frozen_linears_differentiable(model)
+    assert len(patched) == 2 * 7  # q k v o gate up down per layer
+    assert torch.equal(logits_of(model, x), ref)
+    lin = model.model.layers[0].self_attn.o_proj
+    h = torch.randn(3, 64, requires_grad=True)
+    lin(h).pow(2).sum().backward()
+    dense = F.linear(torch.eye(64), lin.weight).t()  # [out, in] as the kernel computes
+    h2 = h.detach().clone().requires_grad_(True)
+    F.linear(h2, dense).pow(2).sum().backward()
+    assert torch.allclose(h.grad, h2.grad, atol=1e-4)
+
+    grads = {}
+    for generic in (False, True):  # peft's torchao LoRA layer, and the plain one used for CUDA Int4Tensor
+        m = copy.deepcopy(model)
+        torch.manual_seed(0)
+        lora.wrap(m, lora.lora_config_dict({"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q_proj", "v_proj"]}),
+                  generic_quant_linear=generic)
+        assert type(m.model.layers[0].self_attn.q_proj).__name__ == ("Linear" if generic else "TorchaoLoraLinear")
+        params = lora.lora_parameters(m)
+        assert params and all(p.requires_grad for p in params.values())
+        assert {n for n, p in m.named_parameters() if p.requires_grad} == set(params)
+        torch.manual_seed(1)
+        for n, p in params.items():  # B starts at zero; make the A gradients non-trivial too
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.1)
+        m(input_ids=x, labels=x).loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
+        grads[generic] = {n: p.grad for n, p in params.items()}
+    assert grads[False].keys() == grads[True].keys()
+    assert all(torch.allclose(grads[False][n], grads[True][n], atol=1e-6) for n in grads[False])
+
+
+def test_apply_delta_is_strict(tmp_path):
+    import torch
+
+    from frontier import attention
+
+    cfg = lora.lora_config_dict({"r": 2, "alpha": 4, "dropout": 0.0, "targets": ["q_proj", "o_proj"]})
+    trained = attention.swap_attention(_tiny_llama(), {"name": "linear_elu", "kind": "linear"})
+    lora.wrap(trained, cfg)
+    torch.manual_seed(1)
+    delta = {n: torch.randn_like(p) * 0.05 for n, p in {**lora.lora_parameters(trained),
+                                                        **attention.attention_parameters(trained)}.items()}
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if n in delta:
+                p.copy_(delta[n])
+    good = tmp_path / "good"
+    good.mkdir()
+    lora.write_delta(good, delta, cfg)
+    fresh = attention.swap_attention(_tiny_llama(), {"name": "linear_elu", "kind": "linear"})
+    model = finetune.apply_delta(fresh, good, {})
+    x = torch.randint(0, 128, (2, 12))
+    assert torch.allclose(logits_of(model, x), logits_of(trained.eval(), x), atol=1e-6)
+    assert not model.training and type(model).__name__ == "LlamaForCausalLM"
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    lora.write_delta(bad, {**delta, "model.layers.9.self_attn.feature_map.q_weight": torch.zeros(1)}, cfg)
+    with pytest.raises(checkpoint.IntegrityError, match="no parameter in the model"):
+        finetune.apply_delta(attention.swap_attention(_tiny_llama(), {"name": "linear_elu", "kind": "linear"}),
+                             bad, {})
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    lora.write_delta(partial, {k: v for k, v in delta.items() if "o_proj" not in k}, cfg)
+    with pytest.raises(checkpoint.IntegrityError, match="missing from the delta"):
+        finetune.apply_delta(attention.swap_attention(_tiny_llama(), {"name": "linear_elu", "kind": "linear"}),
+                             partial, {})
+
+
+# ------------------------------------------------------------------ slow: real 2-process DeepSpeed runs
+@pytest.fixture(scope="module")
+def int4_run(micro_chain, tmp_path_factory):
+    """ZeRO-2, 2 CPU processes, linear_elu over a packed-int4 frozen base: the reference run."""
+    parent = micro_chain("int4_g32", "linear_elu")
+    root = tmp_path_factory.mktemp("ft_int4")
+    out, debug = root / "lolcats" / "_ckpt", root / "debug"
+    t0 = time.time()
+    manifest = finetune.run({"finetune": ft_cfg(zero=2, lora=LONG_LORA), "data": data_cfg()}, parent, out,
+                            debug_dir=debug)
+    ft = manifest["finetune"]
+    print(f"\n[finetune int4 ZeRO-2 x2] wall {time.time() - t0:.1f}s tok/s {ft['tok_s']} "
+          f"transfer MSE {ft['transfer_mse']['first']} -> {ft['transfer_mse']['last']} "
+          f"held-out LM loss {ft['lm_loss_probe']['first']:.4f} -> {ft['lm_loss_probe']['last']:.4f}")
+    return {"manifest": manifest, "out": out, "debug": debug, "parent": parent}
+
+
+@pytest.mark.slow
+def test_zero2_int4_run_writes_delta_and_transfer_mse_falls(int4_run):
+    out, m = int4_run["out"], int4_run["manifest"]
+    ft = m["finetune"]
+    assert m["stage"] == "finetune" and m["parent"]
+    assert {"delta.safetensors", "lora.json", "train_log.jsonl"} <= set(m["files"])
+    assert not finetune.resume_dir(out).exists()  # the .work resume dir is gone after success
+    assert ft["phases_run"] == ["transfer", "lora"] and ft["world_size"] == 2 and ft["zero_stage"] == 2
+    assert ft["backend"] == "gloo" and ft["grad_patched_linears"] == 14  # packed int4 needed the patch
+    delta = checkpoint.load_tensors(out / "delta.safetensors")
+    assert any(".feature_map." in k for k in delta) and any(".lora_A." in k for k in delta)
+    assert json.loads((out / "lora.json").read_text())["r"] == 4
+    mse = ft["transfer_mse"]
+    assert len(mse["first"]) == len(mse["last"]) == 2  # one per layer
+    assert all(b < a for a, b in zip(mse["first"], mse["last"])), mse  # fixed held-out batch
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["global_step"] for r in log] == list(range(1, 47))
+    assert all(r["tok_s"] > 0 and r["lr"] > 0 for r in log) and "mse" in log[0]
+    assert ft["tok_s"]["transfer"] > 0 and ft["tok_s"]["lora"] > 0
+
+
+@pytest.mark.slow
+def test_loss_falls_on_int4_quantized_frozen_base(int4_run):
+    ft = int4_run["manifest"]["finetune"]
+    # next-token loss on a fixed held-out batch (8 x 64 tokens), before and after 40 LoRA steps;
+    # single training batches are far too noisy (+-0.3) to compare first against last
+    probe = ft["lm_loss_probe"]
+    assert probe["last"] < probe["first"], probe
+    assert ft["grad_patched_linears"] == 14 and ft["trainable_params"]["lora"] > 0
+
+
+@pytest.mark.slow
+def test_reloaded_int4_chain_reproduces_trained_logits(int4_run):
+    reload_matches_trained(int4_run["out"], int4_run["debug"], int4_run["parent"])
+
+
+@pytest.mark.slow
+def test_kill_and_resume_gives_the_same_run(int4_run, tmp_path, monkeypatch):
+    """Stopped after transfer step 3, then after LoRA step 3 (global 9), then run to the end:
+    the same losses, probe metrics and delta bytes as the uninterrupted run."""
+    out = tmp_path / "lolcats" / "_ckpt"
+    cfg = {"finetune": ft_cfg(zero=2, lora=LONG_LORA), "data": data_cfg()}
+    for stop, where in ((3, ("transfer", 3)), (9, ("lora", 3))):
+        monkeypatch.setenv("FRONTIER_FT_STOP_AFTER", str(stop))
+        with pytest.raises(finetune.FinetuneInterrupted):
+            finetune.run(cfg, int4_run["parent"], out)
+        state = json.loads((finetune.resume_dir(out) / "state.json").read_text())
+        assert (state["phase"], state["step"]) == where and not out.exists()
+    monkeypatch.delenv("FRONTIER_FT_STOP_AFTER")
+    m = finetune.run(cfg, int4_run["parent"], out)
+    ref = int4_run["manifest"]["finetune"]
+    assert m["finetune"]["resumes"] == 2
+    for key in ("final_loss", "first_loss", "transfer_mse", "lm_loss_probe"):
+        assert m["finetune"][key] == ref[key], key
+    assert (out / "delta.safetensors").read_bytes() == (int4_run["out"] / "delta.safetensors").read_bytes()
+    strip = lambda p: [{k: v for k, v in json.loads(x).items() if k not in ("step_s", "tok_s")}  # noqa: E731
+                       for x in p.read_text().splitlines()]
+    assert strip(out / "train_log.jsonl") == strip(int4_run["out"] / "train_log.jsonl")
+
+
+@pytest.mark.slow
+def test_zero3_two_processes(micro_chain, tmp_path):
+    parent = micro_chain("none", "linear_elu")
+    out, debug = tmp_path / "_ckpt", tmp_path / "debug"
+    m = finetune.run({"finetune": ft_cfg(zero=3), "data": data_cfg()}, parent, out, debug_dir=debug,
+                     ds_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
+    ft = m["finetune"]
+    assert ft["zero_stage"] == 3 and ft["phases_run"] == ["transfer", "lora"]
+    assert ft["zero3_partitioned_params"]["transfer"] > 0 and ft["zero3_partitioned_params"]["lora"] > 0
+    assert ft["grad_patched_linears"] == 0
+    assert all(b < a for a, b in zip(ft["transfer_mse"]["first"], ft["transfer_mse"]["last"]))
+    reload_matches_trained(out, debug, parent)  # ZeRO-3 partitions were gathered for the export
+
+
+@pytest.mark.slow
+def test_worker_failure_surfaces_its_error(micro_chain, tmp_path):
+    parent = micro_chain("none", "sliding_window")
+    cfg = {"finetune": ft_cfg(zero=0, lora={"targets": ["no_such_proj"]}), "data": data_cfg()}
+    with pytest.raises(finetune.FinetuneError, match="no_such_proj") as e:
+        finetune.run(cfg, parent, tmp_path / "_ckpt", echo=False)
+    assert not isinstance(e.value, finetune.FinetuneInterrupted)
+    assert not (tmp_path / "_ckpt").exists()

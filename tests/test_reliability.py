@@ -1,0 +1,73 @@
+"""Nothing lost under kills; no secrets in any output."""
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import FAKE_WANDB_KEY, ROOT, SNAKEMAKE, snakemake
+from frontier import checkpoint
+
+DETERMINISTIC = ("point_id", "status", "weight_bytes", "params", "effective_bits", "family")
+
+
+def _rows(wd: Path) -> dict:
+    rows = pq.read_table(wd / "results" / "ci" / "runs.parquet").to_pylist()
+    return {r["point_id"]: r for r in rows}
+
+
+def _assert_nothing_half_written(wd: Path) -> None:
+    work = wd / "work"
+    if not work.exists():
+        return
+    for ckpt in work.rglob("_ckpt"):
+        checkpoint.read_manifest(ckpt)  # complete and verified, or absent — never half
+    for m in work.rglob("metrics.json"):
+        assert json.loads(m.read_text())["status"] in ("ok", "failed")
+
+
+@pytest.mark.slow
+def test_secrets_never_written(ci_sweep):
+    offline_runs = list((ci_sweep / "work" / "wandb").glob("offline-run-*"))
+    assert offline_runs, "the sweep must have produced W&B runs for the scan to mean anything"
+    needle = FAKE_WANDB_KEY.encode()
+    scanned = 0
+    for p in ci_sweep.rglob("*"):
+        if p.is_file():
+            scanned += 1
+            assert needle not in p.read_bytes(), f"secret found in {p}"
+    assert scanned > 50
+
+
+@pytest.mark.slow
+def test_killed_sweep_reruns_to_the_same_results(ci_sweep, tmp_path):
+    rng = random.Random(7)
+    env = {**os.environ, "WANDB_MODE": "offline", "FRONTIER_NO_WANDB": "1"}
+    kills = 0
+    for _ in range(3):
+        proc = subprocess.Popen([*SNAKEMAKE, "--directory", str(tmp_path), "--cores", "2", "--config", "sweep=ci",
+                                 "--rerun-incomplete"], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        delay = rng.uniform(4, 40)
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole job tree, like a lost node
+            proc.wait()
+            kills += 1
+        time.sleep(0.5)
+        _assert_nothing_half_written(tmp_path)
+        snakemake(tmp_path, "--unlock", "--config", "sweep=ci")
+    assert kills >= 1
+    snakemake(tmp_path, "--cores", "2", "--config", "sweep=ci", "--rerun-incomplete")
+    killed, clean = _rows(tmp_path), _rows(ci_sweep)
+    assert set(killed) == set(clean)
+    for pid, row in clean.items():
+        for col in DETERMINISTIC:
+            assert killed[pid][col] == row[col], (pid, col)
+        assert killed[pid]["ppl"] == pytest.approx(row["ppl"], rel=1e-5), pid
