@@ -94,7 +94,9 @@ def kv_pairs(rng: random.Random, n: int, key_len: int = 3) -> list[tuple[str, st
     keys: set = set()
     while len(keys) < n:
         keys.add("".join(rng.choice(KV_ALPHABET) for _ in range(key_len)))
-    return [(k, f"{rng.randrange(100):02d}") for k in sorted(keys, key=lambda _: rng.random())]
+    ordered = sorted(keys)  # a set's order depends on the hash seed; the rng alone decides
+    rng.shuffle(ordered)
+    return [(k, f"{rng.randrange(100):02d}") for k in ordered]
 
 
 def kv_text(pairs: list[tuple[str, str]]) -> str:
