@@ -129,7 +129,7 @@ def test_metadata_and_atomic(collected):
     _, out, _ = collected
     for name in ("runs", "costs", "frontier", "crossover"):
         md = collect.read_metadata(out / f"{name}.parquet")
-        assert md["sweep"] == "demo" and md["schema_version"] == "1"
+        assert md["sweep"] == "demo" and md["schema_version"] == collect.SCHEMA_VERSION
         assert "pyarrow" in json.loads(md["versions"])
         assert md["git_commit"]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
@@ -143,7 +143,7 @@ def test_costs_table(collected):
     assert {r["hardware"] for r in meas} == {"cpu"}
     mod = [r for r in rows if r["source"] == "modelled"]
     assert {r["metric"] for r in mod} == {"prefill_s", "decode_s", "decode_tok_s", "state_bytes",
-                                          "weight_bytes"}
+                                          "weight_bytes", "peak_mem_bytes"}
     assert {r["context_len"] for r in mod} == {128, 256, 512, 1024, 131072}
     assert {r["point_id"] for r in mod} == {BASE["point_id"], QNT["point_id"], LIN["point_id"],
                                             COMB["point_id"]}
@@ -155,15 +155,21 @@ def test_costs_table(collected):
     dec = {(r["point_id"], r["context_len"], r["metric"]): r["value"] for r in mod}
     assert dec[(BASE["point_id"], 1024, "decode_tok_s")] == pytest.approx(
         1 / dec[(BASE["point_id"], 1024, "decode_s")])
+    # modelled peak memory: weights + state (a lower bound, activations not modelled)
+    assert dec[(LIN["point_id"], 1024, "peak_mem_bytes")] == (
+        dec[(LIN["point_id"], 1024, "weight_bytes")] + dec[(LIN["point_id"], 1024, "state_bytes")])
 
 
 def test_frontier_table(collected):
     _, out, _ = collected
     rows = pq.read_table(out / "frontier.parquet").to_pylist()
 
+    def group(metric, L, q, source="measured"):
+        return {r["point_id"]: r for r in rows if r["cost_metric"] == metric and r["context_len"] == L
+                and r["quality_metric"] == q and r["source"] == source}
+
     def front(metric, L, q, source="measured"):
-        return sorted(r["point_id"] for r in rows if r["cost_metric"] == metric and r["context_len"] == L
-                      and r["quality_metric"] == q and r["source"] == source)
+        return sorted(pid for pid, r in group(metric, L, q, source).items() if r["on_front"])
 
     # weight bytes: int8 (cheap, 10.2) and baseline (10.0); linear and combined dominated
     assert front("weight_bytes", None, "ppl") == sorted([QNT["point_id"], BASE["point_id"]])
@@ -178,7 +184,19 @@ def test_frontier_table(collected):
     assert not front("state_bytes", 128, "recall_acc@256")
     # modelled frontiers per hardware
     assert front("state_bytes", 131072, "ppl", "modelled")
-    assert all(r["point_id"] != FAIL["point_id"] for r in rows)
+    # every point is kept with the reason it is off the front; labelled with its family
+    g = group("state_bytes", 512, "ppl")
+    assert set(g) == {m["point_id"] for m in (BASE, QNT, LIN, COMB, FAIL)}
+    assert g[COMB["point_id"]]["reason"] == f"dominated by {LIN['point_id']}"
+    assert g[QNT["point_id"]]["reason"] == f"dominated by {BASE['point_id']}"
+    assert g[FAIL["point_id"]]["reason"] == "failed: RuntimeError: OOM" and g[FAIL["point_id"]]["cost"] is None
+    assert g[BASE["point_id"]]["reason"] is None and g[BASE["point_id"]]["family"] == "baseline"
+    assert g[FAIL["point_id"]]["family"] == "quantization"
+    assert all((r["reason"] is None) == r["on_front"] for r in rows)
+    # every cost metric, measured and modelled, has a frontier
+    assert {(r["source"], r["cost_metric"]) for r in rows} == {
+        ("measured", m) for m in ("weight_bytes", "prefill_ms", "decode_tok_s", "peak_mem_bytes", "state_bytes")
+    } | {("modelled", m) for m in ("prefill_s", "decode_tok_s", "peak_mem_bytes", "state_bytes")}
     txt = collect.frontier_table(out)
     assert "state_bytes" in txt and BASE["point_id"] in txt
 
@@ -204,7 +222,7 @@ def test_crossover_table(collected):
     # modelled rows exist for the point's hardware
     mod = [r for r in rows if r["source"] == "modelled"]
     assert {r["hardware"] for r in mod} == {"cpu"}
-    assert {r["metric"] for r in mod} == {"prefill_s", "decode_s", "state_bytes"}
+    assert {r["metric"] for r in mod} == {"prefill_s", "decode_s", "state_bytes", "peak_mem_bytes"}
     # modelled state bytes: softmax overtakes nothing; linear vs softmax crossover is below 128
     txt = collect.crossover_table(out)
     assert "L*" in txt and "prefill_ms" in txt
@@ -238,21 +256,7 @@ def test_merge_keeps_rows(collected):
     assert len(keys) == len(set(keys))
 
 
-def test_plots_and_html(collected):
-    _, out, _ = collected
-    pngs = report.plot_all(out)
-    names = {p.name for p in pngs}
-    assert {"frontier_weight_bytes.png", "frontier_state_bytes.png", "cost_vs_L.png",
-            "recall_heatmap.png"} <= names
-    for p in pngs:
-        data = p.read_bytes()
-        assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
-    html = report.write_html(out).read_text()
-    for n in names:
-        assert f"src='{n}'" in html
-    assert "Crossover" in html and BASE["point_id"] in html
-    spec = json.loads(Path(report.wandb_report(out)).read_text())
-    assert spec["runset"] == {"group": "demo"}
+# plots, report.html and the W&B report spec: tests/test_report.py
 
 
 def test_report_robust_without_recall_or_costs(tmp_path):

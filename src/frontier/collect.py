@@ -4,18 +4,21 @@
 
 * ``runs.parquet`` — one row per point: choice names, ``ovr.<key>`` overrides, flattened
   ``cfg.<group>.<key>`` config (strings; lists as JSON), quality columns (float), weight bytes,
-  params, effective bits, efficiency family, status/reason, versions (JSON), wall time, and
-  ``config_json`` (the full resolved config, so modelled costs can be recomputed on merge).
+  params, effective bits, efficiency family, status/reason, versions (JSON), wall time,
+  ``gap_closed`` (fine-tuned points: the fraction of the perplexity gap to softmax that the
+  fine-tuning closed, see :func:`gap_closed`), and ``config_json`` (the full resolved config,
+  so modelled costs can be recomputed on merge).
 * ``costs.parquet`` — long form: point_id, context_len, metric, value, source
   (``measured``|``modelled``), hardware (device for measured, hardware config name for
   modelled).
-* ``frontier.parquet`` — Pareto-optimal points per (cost_metric, context_len, quality_metric,
-  source, hardware). ``weight_bytes`` (from runs) has ``context_len`` null.
+* ``frontier.parquet`` — per (cost_metric, context_len, quality_metric, source, hardware), every
+  point with ``on_front`` and, off the front, the ``reason`` (dominated by / failed / missing).
+  ``weight_bytes`` (from runs) has ``context_len`` null.
 * ``crossover.parquet`` — L* per metric for matched-quality point pairs (``level = "point"``)
   and for family representatives (``level = "family"``).
 
 All four carry schema-level metadata: ``sweep``, ``schema_version``, ``versions`` (JSON),
-``git_commit``. Every file is written atomically (temp file in the same dir + ``os.replace``).
+``git_commit``. Columns, types and meanings: :data:`SCHEMAS`, rendered in docs/results-schema.md. Every file is written atomically (temp file in the same dir + ``os.replace``).
 """
 
 from __future__ import annotations
@@ -40,15 +43,19 @@ from frontier.pareto import crossover, crossover_sampled, eval_curve, fit_cost_c
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "1"
+# 2: frontier.parquet keeps every considered point (``on_front`` + ``reason``); modelled
+#    ``peak_mem_bytes``; peak memory in crossovers. Documented in docs/results-schema.md.
+SCHEMA_VERSION = "2"
 CHOICE_GROUPS = ("model", "quant", "attention", "finetune", "eval")
 FAMILIES = ("baseline", "quantization", "attention", "combined")
+# gap_closed is null when |ppl_untuned - ppl_softmax| <= GAP_REL_EPS * ppl_softmax (nothing to close)
+GAP_REL_EPS = 1e-3
 # 128 .. 131072: modelled costs are cheap, and long contexts are where the curves diverge.
 DEFAULT_MODELLED_LENS = [2**k for k in range(7, 18)]
 
 _STR_BASE = ["sweep", "point_id", *CHOICE_GROUPS, "family", "status", "reason", "device", "metrics_path"]
 _INT_BASE = ["weight_bytes", "params"]
-_FLOAT_BASE = ["effective_bits", "wall_s"]
+_FLOAT_BASE = ["effective_bits", "wall_s", "gap_closed"]
 _STR_TAIL = ["versions", "config_json"]
 _KNOWN_RUN_COLS = set(_STR_BASE) | set(_INT_BASE) | set(_FLOAT_BASE) | set(_STR_TAIL)
 
@@ -60,6 +67,7 @@ FRONTIER_SCHEMA = pa.schema([
     ("cost_metric", pa.string()), ("context_len", pa.int64()), ("quality_metric", pa.string()),
     ("point_id", pa.string()), ("cost", pa.float64()), ("quality", pa.float64()),
     ("source", pa.string()), ("hardware", pa.string()), ("family", pa.string()),
+    ("on_front", pa.bool_()), ("reason", pa.string()),
 ])
 CROSSOVER_SCHEMA = pa.schema([
     ("level", pa.string()), ("metric", pa.string()), ("point_a", pa.string()),
@@ -70,6 +78,151 @@ CROSSOVER_SCHEMA = pa.schema([
 ])
 
 _INDEXED_Q = re.compile(r"^(?P<base>.+)@(?P<L>\d+)$")
+
+# ---- the documented schema -------------------------------------------------------------------
+# docs/results-schema.md embeds schema_markdown() (tests/test_report.py checks the doc, this dict
+# and the files actually written agree). Per table: (column, Arrow type, meaning). A name with
+# "<...>" is a pattern for data-dependent columns (runs only).
+FILE_METADATA = {
+    "sweep": "sweep name",
+    "schema_version": "schema version of the writer (`frontier.collect.SCHEMA_VERSION`)",
+    "versions": "JSON object {package: version} of the collecting environment",
+    "git_commit": "commit of the frontier code that collected (env `FRONTIER_GIT_COMMIT`, else `git rev-parse HEAD`, else `unknown`)",
+}
+TABLE_METADATA = {"runs": {"quality_columns": "JSON list of the quality columns of this file, in display order"}}
+SCHEMAS: dict[str, list[tuple[str, str, str]]] = {
+    "runs": [
+        ("sweep", "string", "sweep name"),
+        ("point_id", "string", "`<model>/<quant>/<attention>/<finetune>/<eval>`: each segment the group's "
+                               "choice, followed by `~key=value,...` when value overrides of that group "
+                               "apply; primary key"),
+        ("model", "string", "choice in config group `model`"),
+        ("quant", "string", "choice in config group `quant`"),
+        ("attention", "string", "choice in config group `attention`"),
+        ("finetune", "string", "choice in config group `finetune`"),
+        ("eval", "string", "choice in config group `eval`"),
+        ("family", "string", "efficiency family: `baseline` | `quantization` | `attention` | `combined`"),
+        ("status", "string", "`ok` | `failed`"),
+        ("reason", "string", "why the point failed (`<ExceptionType>: message`); null when ok"),
+        ("device", "string", "device the point was evaluated on (the `hardware` of its measured costs)"),
+        ("metrics_path", "string", "the `metrics.json` the row was read from"),
+        ("weight_bytes", "int64", "bytes of all parameters and buffers as stored (quantized tensors at "
+                                  "their storage size)"),
+        ("params", "int64", "logical parameter count (quantized weights by their logical shape, tied ones once)"),
+        ("effective_bits", "double", "stored bits per logical weight of the decoder's Linear layers, scales "
+                                     "and zero points included (embeddings and lm_head excluded)"),
+        ("wall_s", "double", "evaluation wall time, seconds"),
+        ("gap_closed", "double", "fine-tuned points: (ppl_untuned - ppl) / (ppl_untuned - ppl_softmax), the "
+                                 "fraction of the perplexity gap to softmax the fine-tuning closed (1 = softmax "
+                                 "quality, 0 = no better than untuned); null otherwise or when the gap is ~0"),
+        ("ppl", "double", "held-out perplexity (lower is better); null for a failed point"),
+        ("<metric>@<L>", "double", "quality at context length L: `recall_acc@L`, `passkey_acc@L` "
+                                   "(exact-match accuracy in [0, 1], higher is better)"),
+        ("<quality>", "double", "any other quality metric a point reports (lower is better when the "
+                                "name contains ppl/perplexity/loss/nll/bpb, else higher)"),
+        ("ovr.<key>", "string", "a value override applied to the point, e.g. `ovr.attention.window`; "
+                                "null where it does not apply"),
+        ("cfg.<group>.<key>", "string", "the resolved config, flattened: scalars as strings, lists as JSON"),
+        ("versions", "string", "JSON object {package: version} of the evaluate job"),
+        ("config_json", "string", "the full resolved config as JSON (modelled costs are recomputed "
+                                  "from it when a later collect merges)"),
+    ],
+    "costs": [
+        ("point_id", "string", "the point (`runs.point_id`)"),
+        ("context_len", "int64", "context length L, tokens"),
+        ("metric", "string", "cost metric (see *Cost metrics*)"),
+        ("value", "double", "the cost, in the metric's unit; null when not measurable"),
+        ("source", "string", "`measured` (the evaluate stage) | `modelled` (roofline, `frontier.costmodel`)"),
+        ("hardware", "string", "measured: the device; modelled: the hardware config name"),
+    ],
+    "frontier": [
+        ("cost_metric", "string", "cost axis (see *Cost metrics*); `weight_bytes` is the runs column"),
+        ("context_len", "int64", "L of the cost (and of an `@L` quality); null for `weight_bytes`"),
+        ("quality_metric", "string", "quality axis: `ppl`, or `<metric>@<L>` at the same L as the cost"),
+        ("point_id", "string", "the point"),
+        ("cost", "double", "its cost; null when missing or failed"),
+        ("quality", "double", "its quality; null when missing or failed"),
+        ("source", "string", "`measured` | `modelled`"),
+        ("hardware", "string", "as in costs; null for `weight_bytes`"),
+        ("family", "string", "efficiency family of the point"),
+        ("on_front", "bool", "true for a Pareto-optimal point of this (cost_metric, context_len, "
+                             "quality_metric, source, hardware) group"),
+        ("reason", "string", "why a point is not on the front: `dominated by <point_id>`, "
+                             "`failed: <reason>`, `missing <cost|quality>`; null on the front"),
+    ],
+    "crossover": [
+        ("level", "string", "`family` (the lowest-perplexity point of each family) | `point` "
+                            "(every pair of points within the quality tolerance)"),
+        ("metric", "string", "lower-is-better cost compared: measured `prefill_ms`, `decode_s` "
+                             "(1 / decode_tok_s), `state_bytes`, `peak_mem_bytes`; modelled `prefill_s`, "
+                             "`decode_s`, `state_bytes`, `peak_mem_bytes`"),
+        ("point_a", "string", "the point that is not cheaper at `l_min` (the challenger)"),
+        ("point_b", "string", "the other point"),
+        ("family_a", "string", "family of point_a"),
+        ("family_b", "string", "family of point_b"),
+        ("l_star", "double", "smallest L in [l_min, l_max] from which a is strictly cheaper than b; "
+                             "null: a never overtakes b in that range"),
+        ("quality_gap", "double", "ppl_a / ppl_b - 1"),
+        ("matched", "bool", "the two perplexities are within the quality tolerance (default 10 %)"),
+        ("l_min", "double", "smallest L both points have"),
+        ("l_max", "double", "largest L both points have"),
+        ("method", "string", "`quadratic_fit` (measured: least-squares a + bL + cL² per point) | "
+                             "`sampled` (modelled: piecewise linear between the modelled L)"),
+        ("source", "string", "`measured` | `modelled`"),
+        ("hardware", "string", "as in costs"),
+    ],
+}
+# metric -> (sources, unit, meaning)
+COST_METRICS: dict[str, tuple[str, str, str]] = {
+    "prefill_ms": ("measured", "ms", "one forward over an L-token prompt (median of repeats)"),
+    "decode_tok_s": ("measured, modelled", "tokens/s", "greedy decode throughput continuing from an L-token "
+                     "prefill (higher is better); modelled: 1 / decode_s"),
+    "peak_mem_bytes": ("measured, modelled", "bytes", "peak memory of a prefill at L: weights + activations + "
+                       "cache (see `frontier.evaluate.measure`); modelled: weights + KV cache/state only, a "
+                       "lower bound"),
+    "state_bytes": ("measured, modelled", "bytes", "KV cache (softmax, window) or recurrent state (linear) "
+                    "right after the prefill at L"),
+    "prefill_s": ("modelled", "s", "roofline time of the prefill"),
+    "decode_s": ("modelled", "s", "roofline time of one decode step at context L"),
+    "weight_bytes": ("modelled", "bytes", "weight bytes the cost model predicts (the measured value is "
+                     "`runs.weight_bytes`)"),
+}
+
+
+def schema_markdown() -> str:
+    """The generated part of docs/results-schema.md (tables, columns, metadata keys)."""
+    def row(*cells: str) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    out = [f"Schema version: **{SCHEMA_VERSION}**", ""]
+    for name, cols in SCHEMAS.items():
+        out += [f"### `{name}.parquet`", "", row("column", "type", "meaning"), row("---", "---", "---")]
+        out += [row(f"`{c}`", t, m) for c, t, m in cols]
+        out.append("")
+    out += ["### Cost metrics", "", row("metric", "source", "unit", "meaning"), row("---", "---", "---", "---")]
+    out += [row(f"`{k}`", s, u, m) for k, (s, u, m) in COST_METRICS.items()]
+    out += ["", "### File metadata (Parquet schema key/value metadata)", "",
+            row("key", "files", "meaning"), row("---", "---", "---")]
+    out += [row(f"`{k}`", "all four", m) for k, m in FILE_METADATA.items()]
+    for table, keys in TABLE_METADATA.items():
+        out += [row(f"`{k}`", f"{table}.parquet", m) for k, m in keys.items()]
+    return "\n".join(out) + "\n"
+
+
+SCHEMA_DOC = Path(__file__).resolve().parents[2] / "docs" / "results-schema.md"
+SCHEMA_DOC_MARKERS = ("<!-- BEGIN GENERATED: frontier.collect.schema_markdown() -->",
+                      "<!-- END GENERATED -->")
+
+
+def write_schema_doc(path: str | Path = SCHEMA_DOC) -> Path:
+    """Replace the generated section of docs/results-schema.md with :func:`schema_markdown`."""
+    path = Path(path)
+    begin, end = SCHEMA_DOC_MARKERS
+    text = path.read_text() if path.exists() else f"# Results schema\n\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{schema_markdown()}{end}{tail}")
+    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,6 +411,64 @@ def run_row(m: dict, sweep: str) -> dict:
     return row
 
 
+def _point_parts(point_id: str) -> tuple | None:
+    """(model, quant, attention, finetune, eval) components of a point_id, None if it has another shape."""
+    parts = str(point_id).split("/")
+    return tuple(parts) if len(parts) == len(CHOICE_GROUPS) else None
+
+
+def _untuned(row: dict, parts: tuple) -> bool:
+    method = row.get("cfg.finetune.method")
+    return method == "none" if method is not None else parts[3] == "none"
+
+
+def _softmax(row: dict, parts: tuple) -> bool:
+    kind = row.get("cfg.attention.kind")
+    return kind == "softmax" if kind is not None else parts[2] == "softmax"
+
+
+def gap_closed(runs: list[dict], quality: str = "ppl", rel_eps: float = GAP_REL_EPS) -> dict[str, float | None]:
+    """{point_id: fraction of the perplexity gap closed} for every fine-tuned point (others: None).
+
+    ``(ppl_untuned - ppl_tuned) / (ppl_untuned - ppl_softmax)``, where *untuned* is the point
+    with the same model/quant/attention/eval and finetune ``none``, and *softmax* the one with
+    the same model/quant/eval, softmax attention and finetune ``none`` (matched on the
+    point_id's components ``<model>/<quant>/<attention>/<finetune>/<eval>``; a component whose
+    option is literally ``none``/``softmax`` preferred when several match). 1 = the fine-tuned
+    point reaches softmax quality, 0 = no better than untuned, < 0 = worse. None when the point
+    or a reference failed or has no ``quality`` value, or when the gap is ~0 (``|untuned -
+    softmax| <= rel_eps * softmax``, e.g. a fine-tuned softmax point).
+    """
+    untuned: dict[tuple, list] = {}
+    softmax: dict[tuple, list] = {}
+    for r in runs:
+        parts = _point_parts(r["point_id"])
+        q = _float(r.get(quality))
+        if parts is None or r.get("status") != "ok" or q is None or not _untuned(r, parts):
+            continue
+        m, qu, a, ft, e = parts
+        untuned.setdefault((m, qu, a, e), []).append((ft != "none", r["point_id"], q))
+        if _softmax(r, parts):
+            softmax.setdefault((m, qu, e), []).append((a != "softmax", ft != "none", r["point_id"], q))
+    out: dict[str, float | None] = {}
+    for r in runs:
+        parts = _point_parts(r["point_id"])
+        out[r["point_id"]] = None
+        if parts is None or _untuned(r, parts):
+            continue
+        m, qu, a, _, e = parts
+        tuned = _float(r.get(quality)) if r.get("status") == "ok" else None
+        u, s = untuned.get((m, qu, a, e)), softmax.get((m, qu, e))
+        if tuned is None or not u or not s:
+            continue
+        ppl_u, ppl_s = min(u)[-1], min(s)[-1]
+        gap = ppl_u - ppl_s
+        if abs(gap) <= rel_eps * abs(ppl_s):
+            continue
+        out[r["point_id"]] = (ppl_u - tuned) / gap
+    return out
+
+
 def measured_cost_rows(m: dict) -> list[dict]:
     hw = _scalar_str(m.get("device")) or "unknown"
     rows = []
@@ -289,7 +500,9 @@ def modelled_cost_rows(point_id: str, config: dict, hardware_cfgs: list[dict],
             dec = e["decode"]["seconds"]
             for metric, value in (("prefill_s", e["prefill"]["seconds"]), ("decode_s", dec),
                                   ("decode_tok_s", 1.0 / dec if dec > 0 else None),
-                                  ("state_bytes", e["state_bytes"]), ("weight_bytes", e["weight_bytes"])):
+                                  ("state_bytes", e["state_bytes"]), ("weight_bytes", e["weight_bytes"]),
+                                  # a lower bound: activations and workspace are not modelled
+                                  ("peak_mem_bytes", e["weight_bytes"] + e["state_bytes"])):
                 rows.append({"point_id": point_id, "context_len": int(L), "metric": metric,
                              "value": value, "source": "modelled", "hardware": name})
     return rows
@@ -356,23 +569,30 @@ _FRONTIER_SKIP = {("modelled", "decode_s"), ("modelled", "weight_bytes")}
 
 
 def compute_frontier(runs: list[dict], costs: list[dict]) -> list[dict]:
+    """Every point of each (cost_metric, L, quality_metric, source, hardware) group, with
+    ``on_front`` and, off the front, the ``reason`` (dominated by / failed / missing)."""
     ok = {r["point_id"]: r for r in runs if r.get("status") == "ok"}
+    failed = {r["point_id"]: r for r in runs if r.get("status") != "ok"}
     qcols = quality_columns(runs)
     unindexed = [q for q in qcols if not _INDEXED_Q.match(q)]
     out: list[dict] = []
 
     def emit(cost_metric, L, qm, values: dict[str, float], source, hw):
-        rows = [{"point_id": pid, "cost": v, "quality": ok[pid].get(qm)} for pid, v in values.items() if pid in ok]
-        if not rows:
+        rows = [{"point_id": pid, "cost": values.get(pid), "quality": r.get(qm)} for pid, r in ok.items()]
+        rows += [{"point_id": pid, "cost": None, "quality": None, "status": r.get("status") or "failed",
+                  "reason": r.get("reason")} for pid, r in failed.items()]
+        if not any(r["point_id"] in values for r in rows):
             return
-        front, _ = pareto_front(rows, "cost", "quality", cost_lower_is_better(cost_metric),
-                                quality_lower_is_better(qm))
-        by_id = {r["point_id"]: r for r in rows}
-        for pid in front:
+        front, excluded = pareto_front(rows, "cost", "quality", cost_lower_is_better(cost_metric),
+                                       quality_lower_is_better(qm))
+        rank = {pid: i for i, pid in enumerate(front)}
+        for r in sorted(rows, key=lambda r: (r["point_id"] not in rank, rank.get(r["point_id"], 0), r["point_id"])):
+            pid = r["point_id"]
             out.append({"cost_metric": cost_metric, "context_len": L, "quality_metric": qm,
-                        "point_id": pid, "cost": float(by_id[pid]["cost"]),
-                        "quality": float(by_id[pid]["quality"]), "source": source,
-                        "hardware": hw, "family": ok[pid].get("family")})
+                        "point_id": pid, "cost": _float(r["cost"]), "quality": _float(r["quality"]),
+                        "source": source, "hardware": hw,
+                        "family": (ok.get(pid) or failed.get(pid) or {}).get("family"),
+                        "on_front": pid in rank, "reason": excluded.get(pid)})
 
     # L-independent: stored weight bytes vs every quality metric
     wb = {pid: r["weight_bytes"] for pid, r in ok.items() if r.get("weight_bytes") is not None}
@@ -405,10 +625,10 @@ def _series(costs: list[dict]) -> dict[tuple, dict[str, dict[int, float]]]:
                 if v <= 0:
                     continue
                 metric, v = "decode_s", 1.0 / v
-            elif metric not in ("prefill_ms", "state_bytes", "decode_s"):
+            elif metric not in ("prefill_ms", "state_bytes", "decode_s", "peak_mem_bytes"):
                 continue
         else:
-            if metric not in ("prefill_s", "decode_s", "state_bytes"):
+            if metric not in ("prefill_s", "decode_s", "state_bytes", "peak_mem_bytes"):
                 continue
         s.setdefault((src, c["hardware"], metric), {}).setdefault(c["point_id"], {})[int(L)] = float(v)
     return s
@@ -567,6 +787,10 @@ def run(sweep: str, metrics_paths: list[str | Path], out_dir: Path,
 
     runs = sorted(kept_runs + new_runs, key=lambda r: r["point_id"])
     measured = kept_measured + new_measured
+    # recomputed over every row: a reference point may have arrived in this call
+    gaps = gap_closed(runs)
+    for r in runs:
+        r["gap_closed"] = gaps.get(r["point_id"])
 
     # modelled costs, recomputed for every ok point on one L grid
     extra = DEFAULT_MODELLED_LENS if modelled_context_lens is None else modelled_context_lens
@@ -668,7 +892,8 @@ def frontier_table(out_dir: Path, quality_metric: str = "ppl", all_lengths: bool
     path = Path(out_dir) / "frontier.parquet"
     if not path.exists():
         return f"(no frontier at {path})"
-    rows = [r for r in pq.read_table(path).to_pylist() if r["quality_metric"] == quality_metric]
+    rows = [r for r in pq.read_table(path).to_pylist()
+            if r["quality_metric"] == quality_metric and r.get("on_front", True)]  # v1 files: front only
     if not rows:
         return f"(no frontier for {quality_metric})"
     if not all_lengths:
