@@ -25,10 +25,23 @@ def quiet_libraries() -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
+def set_threads(threads: Optional[int]) -> None:
+    """Use exactly the cores Snakemake gave the job: oversubscribed OpenMP threads on a
+    shared node cost far more than they bring."""
+    if not threads:
+        return
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(int(threads))
+
+
 @contextlib.contextmanager
-def stage_logging(log_path: Optional[str], stage: str, target: str) -> Iterator[logging.Logger]:
+def stage_logging(log_path: Optional[str], stage: str, target: str,
+                  threads: Optional[int] = None) -> Iterator[logging.Logger]:
     """Log records to the rule's log file (and one line each to stderr); progress bars stay on stderr."""
     quiet_libraries()
+    set_threads(threads)
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     handlers = []

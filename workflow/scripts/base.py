@@ -6,7 +6,7 @@ sm = snakemake  # noqa: F821 - injected by Snakemake
 sys.path.insert(0, str(Path(sm.scriptdir).parents[1] / "src"))  # when frontier is not pip-installed
 from frontier import runtime  # noqa: E402
 
-with runtime.stage_logging(sm.log[0], "base", sm.output[0]):
+with runtime.stage_logging(sm.log[0], "base", sm.output[0], threads=sm.threads):
     from frontier import base
 
     base.run(sm.params.cfg, Path(sm.output[0]).parent, tracking_cfg=sm.config["_tracking"],

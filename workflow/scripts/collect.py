@@ -6,7 +6,7 @@ sm = snakemake  # noqa: F821 - injected by Snakemake
 sys.path.insert(0, str(Path(sm.scriptdir).parents[1] / "src"))  # when frontier is not pip-installed
 from frontier import runtime  # noqa: E402
 
-with runtime.stage_logging(sm.log[0], "collect", sm.params.out_dir):
+with runtime.stage_logging(sm.log[0], "collect", sm.params.out_dir, threads=sm.threads):
     from frontier import collect, report
 
     out = Path(sm.params.out_dir)

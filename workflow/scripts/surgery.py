@@ -6,7 +6,7 @@ sm = snakemake  # noqa: F821 - injected by Snakemake
 sys.path.insert(0, str(Path(sm.scriptdir).parents[1] / "src"))  # when frontier is not pip-installed
 from frontier import runtime  # noqa: E402
 
-with runtime.stage_logging(sm.log[0], "surgery", sm.output[0]):
+with runtime.stage_logging(sm.log[0], "surgery", sm.output[0], threads=sm.threads):
     from frontier import surgery
 
     surgery.run(sm.params.cfg, Path(sm.input[0]).parent, Path(sm.output[0]).parent,
