@@ -22,10 +22,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _plan(args) -> int:
-    from . import grid
+    from . import grid, resources
 
     p = grid.plan(args.overrides)
     print(grid.format_plan(p, max_rows=args.max_rows))
+    print()
+    # jobs, GPU-hours, peak GPU memory and disk per stage, modelled on the sweep's hardware
+    print(resources.format_estimate(resources.estimate_plan(p)))
     return 0
 
 
@@ -73,27 +76,35 @@ def _cost(args) -> int:
 
 
 def _show(args) -> int:
-    from . import collect
+    out = Path(args.results)
+    if not (out / "runs.parquet").exists():
+        print(f"no results in {out} (run the sweep first)", file=sys.stderr)
+        return 2
+    from . import report
+
+    print(report.show_text(out))
+    return 0
+
+
+def _report(args) -> int:
+    import os
+
+    from . import report
 
     out = Path(args.results)
     if not (out / "runs.parquet").exists():
         print(f"no results in {out} (run the sweep first)", file=sys.stderr)
         return 2
-    print(collect.frontier_table(out))
-    print()
-    print(collect.crossover_table(out))
-    return 0
-
-
-def _report(args) -> int:
-    from . import report
-
-    out = Path(args.results)
     paths = report.plot_all(out)
     html = report.write_html(out)
     print("\n".join(str(p) for p in [*paths, html]))
     if args.wandb:
-        print(report.wandb_report(out))
+        # online (WANDB_MODE=online + API key): saved to the server; else the spec + how to upload
+        res = report.wandb_report(out)
+        print(res["path"])
+        print(res["message"])
+        if not res["saved"] and os.environ.get("WANDB_MODE") == "online":
+            return 1
     return 0
 
 

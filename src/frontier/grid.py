@@ -13,6 +13,7 @@ no fine-tuning) write nothing: the next stage loads the nearest real parent.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import itertools
 import json
@@ -132,12 +133,21 @@ def _expand(overrides: list[str]) -> list[list[str]]:
     return BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
 
 
-def _typed(value: str) -> Any:
-    """Parse an override value the way Hydra does (ints stay ints, lists stay lists)."""
+@functools.lru_cache(maxsize=1)
+def _parser():
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    o = OverridesParser.create().parse_override(f"x={value}")
-    return o.value()
+    return OverridesParser.create()
+
+
+@functools.lru_cache(maxsize=65536)
+def _typed_cached(value: str) -> Any:
+    return _parser().parse_override(f"x={value}").value()
+
+
+def _typed(value: str) -> Any:
+    """Parse an override value the way Hydra does (ints stay ints, lists stay lists)."""
+    return copy.deepcopy(_typed_cached(value))
 
 
 def _set_dotted(d: dict, key: str, value: Any) -> None:

@@ -7,9 +7,9 @@ rule base:
         sweep=PLAN.sweep,
     log:
         f"{WORK}/logs/base/{{model}}.log",
-    threads: workflow.cores
+    threads: PLAN.globals["resources"]["stages"]["base"]["cpus"]
     resources:
-        runtime=60,
+        **rule_resources("base"),
     conda:
         "../envs/frontier.yaml"
     script:

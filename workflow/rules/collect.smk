@@ -18,6 +18,8 @@ rule collect:
     log:
         f"{WORK}/logs/collect/{PLAN.sweep}.log",
     threads: 1
+    resources:
+        **rule_resources("collect"),
     conda:
         "../envs/frontier.yaml"
     script:

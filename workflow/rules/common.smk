@@ -54,3 +54,33 @@ def point_param(field):
 
 def collect_outputs():
     return [f"{RESULTS}/runs.parquet", f"{RESULTS}/report.html"]
+
+
+# ---------------------------------------------------------------- cluster resources
+# `resources: **rule_resources("<stage>")` in every rule: mem_mb, runtime, cpus_per_task, nodes,
+# tasks, gpus_per_node, slurm_extra, sbatch_args (+ slurm_partition/slurm_account when set), each a
+# function of (wildcards, attempt) computed by frontier.resources from the job's point config and
+# the sweep's `resources:` section; memory and runtime grow by retry_factor per attempt.
+from frontier import resources as frontier_resources  # noqa: E402
+
+_RESOURCE_CACHE = {}
+
+
+def _job_resources(stage, wildcards, attempt):
+    point = PLAN.points[0] if stage == "collect" else point_of(stage, wildcards)
+    key = (stage, point.point_id if stage != "collect" else "", attempt)
+    if key not in _RESOURCE_CACHE:
+        _RESOURCE_CACHE[key] = frontier_resources.rule_resources(stage, point.cfg, PLAN.globals["resources"], attempt)
+    return _RESOURCE_CACHE[key]
+
+
+def rule_resources(stage):
+    def value(name):
+        return lambda wildcards, attempt: _job_resources(stage, wildcards, attempt)[name]
+
+    return {name: value(name) for name in frontier_resources.resource_keys(PLAN.globals["resources"])}
+
+
+# The same cost table as `frontier plan`, once, from the main process (not from every cluster job).
+if workflow.is_main_process:
+    print(frontier_resources.format_estimate(frontier_resources.estimate_plan(PLAN)), file=sys.stderr)

@@ -14,7 +14,7 @@ rule evaluate:
         f"{WORK}/logs/evaluate/{{model}}/{{quant}}/{{attention}}/{{finetune}}/{{eval}}.log",
     threads: 1
     resources:
-        runtime=60,
+        **rule_resources("evaluate"),
     conda:
         "../envs/frontier.yaml"
     script:

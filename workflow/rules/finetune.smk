@@ -13,8 +13,7 @@ rule finetune:
         f"{WORK}/logs/finetune/{{model}}/{{quant}}/{{attention}}/{{finetune}}.log",
     threads: lambda w: point_of("finetune", w).cfg["finetune"]["nproc"]
     resources:
-        runtime=120,
-        nodes=lambda w: point_of("finetune", w).cfg["finetune"]["nodes"],
+        **rule_resources("finetune"),
     conda:
         "../envs/frontier.yaml"
     script:

@@ -11,7 +11,7 @@ rule quantize:
         f"{WORK}/logs/quantize/{{model}}/{{quant}}.log",
     threads: 1
     resources:
-        runtime=30,
+        **rule_resources("quantize"),
     conda:
         "../envs/frontier.yaml"
     script:

@@ -11,7 +11,7 @@ rule surgery:
         f"{WORK}/logs/surgery/{{model}}/{{quant}}/{{attention}}.log",
     threads: 1
     resources:
-        runtime=30,
+        **rule_resources("surgery"),
     conda:
         "../envs/frontier.yaml"
     script:
