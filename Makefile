@@ -39,7 +39,7 @@ lint: $(STAMP)
 	$(BIN)/snakemake --lint --config sweep=$(SWEEP)
 
 test: $(STAMP)
-	$(BIN)/pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q
 
 # make bench            → every bench/*.py
 # make bench B=attention → bench/attention.py → bench/results/attention.json

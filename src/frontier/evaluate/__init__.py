@@ -2,8 +2,11 @@
 
 `run()` loads the point's checkpoint chain (`frontier.checkpoint.load_point`), measures
 
-* quality: strided perplexity on the held-out split (`perplexity`), key-value recall and
-  passkey accuracy at each `eval.recall.context_lens` (`recall`);
+* quality: strided perplexity on the held-out split (`perplexity`); accuracy of the
+  synthetic long-context tasks of `eval.recall.tasks` (key-value recall, passkey, RULER-style
+  needles, MQAR) at each `eval.recall.context_lens` (`recall`, `ruler`, `mqar`); the
+  lm-evaluation-harness tasks of `eval.harness.tasks`, in-process on the loaded model
+  (`harness`, quality keys `harness.<task>.<metric>`);
 * cost: prefill latency, decode tokens/s, peak memory and cache/state bytes at each
   `eval.cost.context_lens` (`measure`), weight bytes, logical parameter count and the
   effective bits per decoder Linear weight;
@@ -11,6 +14,8 @@
 and writes `metrics.json` atomically. `metrics.json` is the source of truth; W&B mirrors it.
 A point that fails (any exception, a non-finite perplexity, a missing/corrupt or failed
 parent checkpoint) is written with `status: failed` and a one-line reason, never lost.
+Non-fatal problems (a recall task whose prompt cannot fit at some L, a harness failure under
+`eval.harness.on_error: warn`) are listed, one line each, under `warnings`.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from typing import Any, Optional
 
 from frontier import checkpoint, tracking as _tracking
 
+from . import harness as _harness
 from .measure import device_name, measure_costs, weight_stats
 from .perplexity import evaluate_perplexity
 from .recall import evaluate_recall
@@ -81,7 +87,8 @@ def metrics_record(*, point_id: str, sweep: str, choices: dict, overrides: dict,
     return {"point_id": point_id, "sweep": sweep, "status": "ok", "reason": None,
             "choices": dict(choices or {}), "overrides": dict(overrides or {}), "config": cfg,
             "quality": {}, "weight_bytes": None, "params": None, "effective_bits": None,
-            "costs": [], "versions": checkpoint.library_versions(), "device": None, "wall_s": None}
+            "costs": [], "versions": checkpoint.library_versions(), "device": None, "wall_s": None,
+            "warnings": []}
 
 
 def _evaluate(rec: dict, ckpt_dir: Path, cfg: dict, progress: bool) -> None:
@@ -102,8 +109,21 @@ def _evaluate(rec: dict, ckpt_dir: Path, cfg: dict, progress: bool) -> None:
     rec["quality"].update(evaluate_perplexity(model, tok, ev, cfg["data"], progress=progress))
     log.info("perplexity %.3f (%.1fs)", rec["quality"]["ppl"], time.time() - t)
     t = time.time()
-    rec["quality"].update(evaluate_recall(model, tok, ev["recall"], progress=progress))
+    rec["quality"].update(evaluate_recall(model, tok, ev["recall"], progress=progress, warnings=rec["warnings"]))
     log.info("recall done (%.1fs)", time.time() - t)
+    hcfg = ev.get("harness") or {}
+    if hcfg.get("tasks"):
+        t = time.time()
+        rec["versions"]["lm_eval"] = _harness.version()
+        try:
+            rec["quality"].update(_harness.evaluate_harness(model, tok, hcfg, seed=int(ev["recall"].get("seed", 0))))
+        except Exception as e:  # noqa: BLE001 - on_error: warn keeps the point's other metrics
+            if hcfg.get("on_error", "fail") != "warn":
+                raise
+            msg = f"harness failed: {_reason(e)}"
+            log.error("%s\n%s", msg, traceback.format_exc())
+            rec["warnings"].append(msg)
+        log.info("harness done (%.1fs)", time.time() - t)
     t = time.time()
     rec["costs"] = measure_costs(model, ev["cost"], seed=int(ev["recall"].get("seed", 0)), progress=progress,
                                  weight_bytes=rec["weight_bytes"])

@@ -1,26 +1,50 @@
-"""Synthetic long-context recall, generated locally: key-value recall and passkey retrieval.
+"""Synthetic long-context recall, generated locally from a seed: the task registry.
+
+Tasks (`eval.recall.tasks`), each giving `<metric>_acc@L` in metrics.json quality:
+
+* `kv` (metric `recall`): key-value recall, "KV abc:07 ; def:12 ... ? def:" -> "12",
+  the context filled with pairs (frontier.data.kv_recall_example);
+* `passkey`: a 5-digit pass key hidden in filler text;
+* `needle_single`, `needle_multikey`, `needle_multivalue`: RULER-style needle in a haystack
+  (`frontier.evaluate.ruler`; `eval.recall.needle.keys` / `.values`);
+* `mqar`: multi-query associative recall, `eval.recall.mqar.pairs` pairs and `.queries`
+  queries per prompt, scored teacher-forced (`frontier.evaluate.mqar`).
 
 For each context length L, `samples` prompts per task, each filled as close to L tokens as
-possible without exceeding it (binary search on the task's size knob with the real
-tokenizer), the queried item placed at depths spread evenly over [0.1, 0.9]. Everything is
-seeded from `eval.recall.seed`, L, the task and the sample index: the same config gives the
-same prompts in every process. The model greedily generates len(answer tokens) + 1 tokens;
-a sample is right when the stripped continuation starts with the answer.
+possible without exceeding it (binary search on the task's size knob -- pairs or filler
+tokens -- with the real tokenizer). Sample i places the queried item (kv, passkey, needles)
+at depth `eval.recall.depths[i % len(depths)]` (default: spread evenly over [0.1, 0.9]). Everything
+is seeded from `eval.recall.seed`, L, the task and the sample index: the same config gives
+the same prompts in every process. Generated tasks: the model greedily generates
+len(answer tokens) + 1 tokens; a sample is right when the stripped continuation starts with
+the answer (needle_multivalue: the fraction of its values found in the continuation).
 """
 from __future__ import annotations
 
 import logging
 import random
 import sys
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
+
+from . import mqar as _mqar
+from . import ruler
 
 log = logging.getLogger(__name__)
 
 PASSKEY_NEEDLE = "The pass key is {key}. Remember it. "
 PASSKEY_QUERY = "What is the pass key? The pass key is"
-FILLER = ("The grass is green. ", "The sky is blue. ", "The sun is yellow. ", "Here we go. ",
-          "There and back again. ")
-TASKS = ("recall", "passkey")
+FILLER = ruler.FILLER
+TASKS = ("kv", "passkey", "needle_single", "needle_multikey", "needle_multivalue", "mqar")
+DEFAULT_TASKS = ("kv", "passkey")  # a recall config without `tasks` (before they were configurable)
+METRIC_NAME = {"kv": "recall"}  # kv keeps its historic metric name, recall_acc@L
+TEACHER_FORCED = ("mqar",)
+NEEDLE_DEFAULTS = {"keys": 4, "values": 4}  # = frontier.config.NeedleCfg
+MQAR_DEFAULTS = {"pairs": 16, "queries": 4}  # = frontier.config.MqarCfg
+
+
+def metric_key(task: str, context_len: int) -> str:
+    """The metrics.json quality key of `task` at L: "recall_acc@L" for kv, "<task>_acc@L" else."""
+    return f"{METRIC_NAME.get(task, task)}_acc@{int(context_len)}"
 
 
 # ------------------------------------------------------------------ generators
@@ -33,16 +57,9 @@ def passkey_example(rng: random.Random, n_filler_tokens_target: int, depth: floa
     target with the real tokenizer, so the approximation only has to be monotone).
     Returns (prompt, answer).
     """
-    count = count_tokens or (lambda s: len(s.split()))
     key = str(rng.randint(10000, 99999))
-    sizes = [max(1, count(s)) for s in FILLER]
-    sentences, used = [], 0
-    while used + sizes[len(sentences) % len(FILLER)] <= n_filler_tokens_target:
-        i = len(sentences) % len(FILLER)
-        sentences.append(FILLER[i])
-        used += sizes[i]
-    cut = min(int(round(max(0.0, min(1.0, depth)) * len(sentences))), len(sentences))
-    prompt = "".join(sentences[:cut]) + PASSKEY_NEEDLE.format(key=key) + "".join(sentences[cut:]) + PASSKEY_QUERY
+    sentences = ruler.filler_sentences(n_filler_tokens_target, count_tokens)
+    prompt = ruler.insert_at_depths(sentences, [(depth, PASSKEY_NEEDLE.format(key=key))]) + PASSKEY_QUERY
     return prompt, key
 
 
@@ -53,13 +70,11 @@ def recall_example(rng: random.Random, size: int, depth: float) -> tuple[str, st
     return kv_recall_example(rng, max(1, size), depth)
 
 
-GENERATORS: dict[str, Callable[[random.Random, int, float], tuple[str, str]]] = {
-    "recall": recall_example,
-    "passkey": passkey_example,
-}
-# Largest size to try: kv keys are 3 letters (26**3 distinct), passkey filler is unbounded.
-SIZE_CAP = {"recall": 26 ** 3, "passkey": 10 ** 9}
-SIZE_MIN = {"recall": 1, "passkey": 0}
+def sample_depths(samples: int, depths_cfg: Optional[Sequence[float]] = None) -> list[float]:
+    """The depth of each sample: `depths_cfg` cycled, or spread evenly over [0.1, 0.9]."""
+    if depths_cfg:
+        return [float(depths_cfg[i % len(depths_cfg)]) for i in range(samples)]
+    return depths(samples)
 
 
 def depths(samples: int) -> list[float]:
@@ -74,45 +89,82 @@ def n_tokens(tokenizer, text: str) -> int:
     return len(tokenizer(text)["input_ids"])
 
 
-def fit_example(make: Callable[[int], tuple[str, str]], length: Callable[[str], int], max_len: int,
-                lo: int = 1, hi: Optional[int] = None) -> tuple[str, str, int]:
-    """(prompt, answer, size) for the largest size in [lo, hi] whose prompt is <= max_len
-    tokens (binary search; `make(size)` must be deterministic). Raises ValueError if even
-    `make(lo)` does not fit."""
+def fit_example(make: Callable[[int], tuple], length: Callable[[str], int], max_len: int,
+                lo: int = 1, hi: Optional[int] = None) -> tuple:
+    """(*make(size), size) for the largest size in [lo, hi] whose prompt (make(size)[0]) is
+    <= max_len tokens (binary search; `make(size)` must be deterministic). Raises ValueError
+    if even `make(lo)` does not fit."""
     hi = max_len if hi is None else min(hi, max_len)
     hi = max(hi, lo)
-    prompt, answer = make(lo)
-    if length(prompt) > max_len:
-        raise ValueError(f"the smallest prompt ({length(prompt)} tokens) does not fit in {max_len} tokens")
-    best = (prompt, answer, lo)
+    ex = make(lo)
+    if length(ex[0]) > max_len:
+        raise ValueError(f"the smallest prompt ({length(ex[0])} tokens) does not fit in {max_len} tokens")
+    best = (*ex, lo)
     a, b = lo + 1, hi
     while a <= b:
         mid = (a + b) // 2
-        prompt, answer = make(mid)
-        if length(prompt) <= max_len:
-            best, a = (prompt, answer, mid), mid + 1
+        ex = make(mid)
+        if length(ex[0]) <= max_len:
+            best, a = (*ex, mid), mid + 1
         else:
             b = mid - 1
     return best
 
 
-def build_prompts(tokenizer, task: str, context_len: int, samples: int, seed: int) -> list[dict]:
-    """[{"prompt", "answer", "depth", "size", "tokens"}] for one task at one context length."""
-    gen = GENERATORS[task]
+def _task_maker(task: str, tokenizer, opts: dict) -> tuple[Callable, int, int]:
+    """(make(rng, size, depth) -> (prompt, answers[, char_spans]), smallest size, largest size)
+    of one task; `size` is the knob the fitter searches (pairs, or filler tokens)."""
+    def count(s: str) -> int:
+        return len(tokenizer(s, add_special_tokens=False)["input_ids"])
+
+    if task == "kv":
+        def make(rng, size, depth):
+            prompt, answer = recall_example(rng, size, depth)
+            return prompt, [answer]
+        return make, 1, 26 ** 3  # distinct 3-letter keys
+    if task == "passkey":
+        def make(rng, size, depth):
+            prompt, answer = passkey_example(rng, size, depth, count)
+            return prompt, [answer]
+        return make, 0, 10 ** 9
+    if task in ruler.VARIANTS:
+        nd = {**NEEDLE_DEFAULTS, **(opts.get("needle") or {})}
+
+        def make(rng, size, depth):
+            return ruler.needle_example(rng, task, size, depth, keys=int(nd["keys"]), values=int(nd["values"]),
+                                        count_tokens=count)
+        return make, 0, 10 ** 9
+    if task == "mqar":  # the depth is not used: the queried keys are drawn from all pairs
+        mq = {**MQAR_DEFAULTS, **(opts.get("mqar") or {})}
+        queries = int(mq["queries"])
+        if mq["pairs"] is None:  # fill the context with pairs, no gap
+            return (lambda rng, size, depth: _mqar.mqar_example(rng, size, queries)), queries, 26 ** 3
+        pairs = int(mq["pairs"])
+        return (lambda rng, size, depth: _mqar.mqar_example(rng, pairs, queries, size, count)), 0, 10 ** 9
+    raise ValueError(f"unknown recall task {task!r}; allowed: {', '.join(TASKS)}")
+
+
+def build_prompts(tokenizer, task: str, context_len: int, samples: int, seed: int, *,
+                  depths_cfg: Optional[Sequence[float]] = None, options: Optional[dict] = None) -> list[dict]:
+    """[{"prompt", "answer", "answers", "depth", "size", "tokens"} (+ "spans": character spans
+    of the answers, for teacher-forced tasks)] for one task at one context length.
+    `answer` is the answers joined by ", " (what a perfect continuation would say).
+    `options` carries the task knobs: {"needle": {"keys", "values"}, "mqar": {"pairs", "queries"}}."""
+    make_task, lo, hi = _task_maker(task, tokenizer, options or {})
     length = lambda s: n_tokens(tokenizer, s)  # noqa: E731
-    count = (lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])) if task == "passkey" else None
     out = []
-    for i, depth in enumerate(depths(samples)):
-        sample_seed = f"{seed}:{task}:{context_len}:{i}"
+    for i, depth in enumerate(sample_depths(samples, depths_cfg)):
+        sample_seed = f"{seed}:{METRIC_NAME.get(task, task)}:{context_len}:{i}"
 
         def make(size: int, _seed=sample_seed, _depth=depth):
-            rng = random.Random(_seed)
-            if count is not None:
-                return passkey_example(rng, size, _depth, count_tokens=count)
-            return gen(rng, size, _depth)
+            return make_task(random.Random(_seed), size, _depth)
 
-        prompt, answer, size = fit_example(make, length, context_len, lo=SIZE_MIN[task], hi=SIZE_CAP[task])
-        out.append({"prompt": prompt, "answer": answer, "depth": depth, "size": size, "tokens": length(prompt)})
+        prompt, answers, *rest = fit_example(make, length, context_len, lo=lo, hi=hi)
+        item = {"prompt": prompt, "answer": ", ".join(answers), "answers": list(answers), "depth": depth,
+                "size": rest[-1], "tokens": length(prompt)}
+        if len(rest) == 2:
+            item["spans"] = [tuple(s) for s in rest[0]]
+        out.append(item)
     return out
 
 
@@ -134,6 +186,34 @@ def accuracy(continuations: list[str], answers: list[str]) -> float:
     if not answers:
         raise ValueError("no samples to score")
     return sum(score_answer(c, a) for c, a in zip(continuations, answers)) / len(answers)
+
+
+def score_sample(task: str, continuation: str, answers: list[str]) -> float:
+    """One generated sample's score in [0, 1]: needle_multivalue scores the fraction of its
+    values found in the continuation (ruler.score_all); every other generated task is right
+    (1.0) when the continuation starts with its single answer (score_answer)."""
+    if task == "needle_multivalue":
+        return ruler.score_all(continuation, answers)
+    if len(answers) != 1:
+        raise ValueError(f"{task}: expected one answer, got {len(answers)}")
+    return float(score_answer(continuation, answers[0]))
+
+
+def task_accuracy(task: str, continuations: list[str], answers: list[list[str]]) -> float:
+    """Mean of score_sample over the samples of one task at one context length."""
+    if len(continuations) != len(answers):
+        raise ValueError(f"{len(continuations)} continuations for {len(answers)} samples")
+    if not answers:
+        raise ValueError("no samples to score")
+    return sum(score_sample(task, c, a) for c, a in zip(continuations, answers)) / len(answers)
+
+
+def query_accuracy(hits: list[list[bool]]) -> float:
+    """MQAR accuracy: right queries over all queries of all prompts."""
+    n = sum(len(h) for h in hits)
+    if not n:
+        raise ValueError("no queries to score")
+    return sum(sum(map(bool, h)) for h in hits) / n
 
 
 # ------------------------------------------------------------------ generation
@@ -160,13 +240,35 @@ def generate_continuations(model, tokenizer, prompts: list[str], answers: list[s
     return outs
 
 
-def evaluate_recall(model, tokenizer, recall_cfg: dict, *, tasks=TASKS, batch_size: int = 8,
-                    progress: bool = True) -> dict:
-    """{"recall_acc@L": ..., "passkey_acc@L": ...} for L in eval.recall.context_lens.
+def task_options(recall_cfg: dict) -> dict:
+    """The task knobs of an `eval.recall` config, defaults filled in."""
+    return {"needle": {**NEEDLE_DEFAULTS, **(recall_cfg.get("needle") or {})},
+            "mqar": {**MQAR_DEFAULTS, **(recall_cfg.get("mqar") or {})}}
 
-    A context length above the model's max_position_embeddings is skipped; a passkey prompt
-    that cannot fit at all in L (its fixed text alone is longer) is skipped with a warning.
+
+def evaluate_task(model, tokenizer, task: str, items: list[dict], *, batch_size: int = 8) -> float:
+    """Accuracy of the model on one task's prompts (from build_prompts)."""
+    if task in TEACHER_FORCED:
+        return query_accuracy(_mqar.teacher_forced_hits(model, tokenizer, items, batch_size=batch_size))
+    conts = generate_continuations(model, tokenizer, [x["prompt"] for x in items],
+                                   [x["answer"] for x in items], batch_size=batch_size)
+    return task_accuracy(task, conts, [x["answers"] for x in items])
+
+
+def evaluate_recall(model, tokenizer, recall_cfg: dict, *, tasks: Optional[Sequence[str]] = None,
+                    batch_size: int = 8, progress: bool = True, warnings: Optional[list] = None) -> dict:
+    """{metric_key(task, L): accuracy} for L in eval.recall.context_lens and each task of
+    `tasks` (default: eval.recall.tasks, or kv + passkey when the config has none).
+
+    A context length above the model's max_position_embeddings is skipped; a prompt that
+    cannot fit at all in L (its fixed text alone is longer, e.g. MQAR's pairs) is skipped with
+    a warning, also appended to `warnings` when given.
     """
+    tasks = tuple(recall_cfg.get("tasks", DEFAULT_TASKS) if tasks is None else tasks)
+    for t in tasks:
+        if t not in TASKS:
+            raise ValueError(f"unknown recall task {t!r}; allowed: {', '.join(TASKS)}")
+    opts = task_options(recall_cfg)
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     jobs = [(L, t) for L in recall_cfg["context_lens"] for t in tasks]
     bar = None
@@ -177,23 +279,27 @@ def evaluate_recall(model, tokenizer, recall_cfg: dict, *, tasks=TASKS, batch_si
             bar = tqdm(total=len(jobs), desc="recall", file=sys.stderr, mininterval=2.0, leave=False)
         except ImportError:
             bar = None
+
+    def warn(msg: str) -> None:
+        log.warning("%s", msg)
+        if warnings is not None:
+            warnings.append(msg)
+
     out: dict = {}
     for L, task in jobs:
         if max_pos and L > max_pos:
-            log.warning("recall: skipping L=%d > max_position_embeddings=%d", L, max_pos)
+            if task == tasks[0]:
+                warn(f"recall: skipping L={L} > max_position_embeddings={max_pos}")
         else:
             try:
-                items = build_prompts(tokenizer, task, L, recall_cfg["samples"], recall_cfg["seed"])
+                items = build_prompts(tokenizer, task, L, recall_cfg["samples"], recall_cfg["seed"],
+                                      depths_cfg=recall_cfg.get("depths"), options=opts)
             except ValueError as e:
-                if task == "recall":
-                    raise
-                log.warning("%s: skipping L=%d: %s", task, L, e)
+                warn(f"{task}: skipping L={L}: {e}")
                 items = None
             if items:
-                conts = generate_continuations(model, tokenizer, [x["prompt"] for x in items],
-                                               [x["answer"] for x in items], batch_size=batch_size)
-                acc = accuracy(conts, [x["answer"] for x in items])
-                out[f"{task}_acc@{L}"] = acc
+                acc = evaluate_task(model, tokenizer, task, items, batch_size=batch_size)
+                out[metric_key(task, L)] = acc
                 log.info("%s@%d: acc %.3f over %d prompts (%d-%d tokens)", task, L, acc, len(items),
                          min(x["tokens"] for x in items), max(x["tokens"] for x in items))
         if bar is not None:
