@@ -107,8 +107,8 @@ def test_linear_chunked_matches_reference(L, heads):
     hq, hkv = heads
     q, k, v = _feats(2, hq, L, 8), _feats(2, hkv, L, 8), torch.randn(2, hkv, L, 6)
     ref = linear_attention_reference(q, k, v, eps=1e-6)
-    for chunk in (4, 16, 64):
-        out = linear_attention_chunked(q, k, v, chunk_size=chunk, eps=1e-6)
+    for chunk, segment in ((4, 512), (4, 8), (16, 16), (16, 48), (64, 512)):
+        out = linear_attention_chunked(q, k, v, chunk_size=chunk, eps=1e-6, segment_size=segment)
         assert out.shape == (2, hq, L, 6)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     # recurrent steps, one token at a time, reproduce it
@@ -118,7 +118,7 @@ def test_linear_chunked_matches_reference(L, heads):
         outs.append(o)
     torch.testing.assert_close(torch.cat(outs, 2), ref, atol=1e-5, rtol=0)
     # the chunked final state equals the recurrent one; it is kept per kv head
-    _, (S, z) = linear_attention_chunked(q, k, v, chunk_size=16, return_state=True)
+    _, (S, z) = linear_attention_chunked(q, k, v, chunk_size=16, return_state=True, segment_size=32)
     assert S.shape == (2, hkv, 8, 6) and z.shape == (2, hkv, 8)
     torch.testing.assert_close(S, state[0], atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(z, state[1], atol=1e-4, rtol=1e-5)
@@ -149,10 +149,16 @@ def test_linear_chunked_initial_state_and_padding():
 
 
 def test_linear_chunked_gradcheck():
-    q = _feats(1, 2, 6, 3).double().requires_grad_()
-    k = _feats(1, 1, 6, 3).double().requires_grad_()
-    v = torch.randn(1, 1, 6, 2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b, c: linear_attention_chunked(a, b, c, chunk_size=4), (q, k, v))
+    q = torch.randn(1, 2, 11, 3, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 1, 11, 3, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 1, 11, 2, dtype=torch.float64, requires_grad=True)
+    phi = lambda x: F.elu(x) + 1  # noqa: E731  (maps applied inside the kernel, per segment)
+
+    def fn(a, b, c):
+        return linear_attention_chunked(a, b, c, chunk_size=2, segment_size=4, q_map=phi, k_map=phi)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+    torch.testing.assert_close(fn(q, k, v), linear_attention_reference(phi(q), phi(k), v), atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize("window", [1, 3, 8, 100])
@@ -259,8 +265,11 @@ def test_module_linear_matches_reference_and_identity_init():
     out2, _ = attn(h, position_embeddings=pe, attention_mask=None)
     qm = torch.einsum("bhld,hde->bhle", q, fm.q_weight)
     km = torch.einsum("bhld,hde->bhle", k, fm.k_weight)
-    ref2 = linear_attention_reference(F.elu(qm) + 1, F.elu(km) + 1, v, eps=1e-6)
-    torch.testing.assert_close(out2, attn.o_proj(ref2.transpose(1, 2).reshape(2, 21, -1)), atol=1e-4, rtol=1e-4)
+    ref2 = attn.o_proj(linear_attention_reference(F.elu(qm) + 1, F.elu(km) + 1, v).transpose(1, 2).reshape(2, 21, -1))
+    torch.testing.assert_close(out2, ref2, atol=1e-4, rtol=1e-4)
+    # several segments (feature maps fused per segment) give the same result
+    attn.segment_size = 8
+    torch.testing.assert_close(attn(h, position_embeddings=pe)[0], ref2, atol=1e-4, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------

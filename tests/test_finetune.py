@@ -1,5 +1,7 @@
-"""Stage `finetune`: DeepSpeed (2 CPU processes, gloo) attention transfer + LoRA, delta reload,
-kill-and-resume, ZeRO-3, int4-quantized frozen base, Slurm launch lines."""
+"""Stage `finetune`: DeepSpeed (2 CPU processes, gloo) — lolcats (block-wise attention transfer +
+LoRA), transfer only (with optimizer offload), LoRA only, full fine-tuning; delta reload,
+kill-and-resume across transfer blocks, ZeRO-3, int4-quantized frozen base, plan-time
+rejections, Slurm launch lines."""
 from __future__ import annotations
 
 import copy
@@ -16,19 +18,28 @@ from frontier.finetune import engine, launch, lora
 
 ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LONG_LORA = {"steps": 40}  # the reference run: long enough for LoRA to move the held-out loss
+BLOCKWISE = {"block_size": 1}  # the reference run's transfer: micro's 2 layers one after the other, 6 steps each
 
 
-def ft_cfg(zero: int = 2, **over) -> dict:
-    ft = config.compose((("finetune", "lolcats"),))["finetune"]
+SHORT = {"steps": 3}  # the runs of the other methods: a few steps are enough to see them train
+
+
+def ft_cfg(zero: int = 2, method: str = "lolcats", **over) -> dict:
+    ft = config.compose((("finetune", method),))["finetune"]
     ft.update(nproc=2, nodes=1, zero_stage=zero, precision="fp32", seed=0, checkpoint_every=3)
-    ft["transfer"].update(steps=6, lr=1e-2, seq_len=64, micro_batch=2, grad_accum=1)
-    ft["lora"].update(steps=6, lr=1e-2, seq_len=64, micro_batch=2, grad_accum=2, r=4, alpha=8, targets=ALL_LINEARS)
+    if "transfer" in ft:
+        ft["transfer"].update(steps=6, lr=1e-2, seq_len=64, micro_batch=2, grad_accum=1)
+    if "lora" in ft:
+        ft["lora"].update(steps=6, lr=1e-2, seq_len=64, micro_batch=2, grad_accum=2, r=4, alpha=8,
+                          targets=ALL_LINEARS)
+    if "full" in ft:
+        ft["full"].update(steps=6, lr=1e-3, seq_len=64, micro_batch=2, grad_accum=1)
     for k, v in over.items():
         if isinstance(v, dict):
             ft[k].update(v)
         else:
             ft[k] = v
-    config.validate_section(ft, config.LolcatsCfg, "finetune")
+    config.validate_section(ft, config.schema_for("finetune", ft), "finetune")
     return ft
 
 
@@ -59,6 +70,83 @@ def reload_matches_trained(out: Path, debug: Path, parent: Path) -> None:
 
 
 # ------------------------------------------------------------------ fast: config, launch lines
+def test_ds_config_offload():
+    ft = ft_cfg(zero=2, offload_optimizer=True)
+    cpu = engine.ds_config(ft, ft["lora"], world=2, cuda=False)
+    assert cpu["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": False}
+    assert cpu["zero_force_ds_cpu_optimizer"] is False and not engine.uses_cpu_adam(cpu)  # client torch AdamW
+    gpu = engine.ds_config(ft, ft["lora"], world=2, cuda=True)
+    assert gpu["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert "zero_force_ds_cpu_optimizer" not in gpu and engine.uses_cpu_adam(gpu)  # DeepSpeedCPUAdam on CUDA
+    plain = engine.ds_config(ft_cfg(zero=2), ft["lora"], world=2, cuda=False)
+    assert "offload_optimizer" not in plain["zero_optimization"] and "zero_force_ds_cpu_optimizer" not in plain
+    with pytest.raises(ValueError, match="zero_stage"):
+        engine.ds_config(dict(ft, zero_stage=0), ft["lora"], world=2, cuda=False)
+
+
+def test_transfer_blocks_partition_layers():
+    from frontier.finetune.worker import transfer_blocks
+
+    assert transfer_blocks([3, 0, 1, 2, 4], 2) == [[0, 1], [2, 3], [4]]
+    assert transfer_blocks([0, 1, 2], None) == [[0, 1, 2]]
+    assert transfer_blocks([0, 1], 8) == [[0, 1]]
+    assert transfer_blocks([], 2) == []
+
+
+def _point(**groups) -> dict:
+    cfg = config.compose(tuple(groups.items()))
+    cfg.pop("sweep")
+    return cfg
+
+
+@pytest.mark.parametrize("method,attention,quant", [
+    ("transfer", "linear_elu", "none"), ("transfer", "linear_elu", "int8"), ("lolcats", "softmax", "int8"),
+    ("lolcats", "linear_elu", "int4_g32"), ("lora", "sliding_window", "int8"), ("lora", "linear_elu", "none"),
+    ("full", "linear_elu", "none"), ("full", "softmax", "none")])
+def test_every_method_validates_where_it_can_train(method, attention, quant):
+    cfg = _point(finetune=method, attention=attention, quant=quant)
+    config.validate_point(cfg, cuda_available=False)
+    assert config.FINETUNE_PHASES[method] and all(p in cfg["finetune"] for p in config.FINETUNE_PHASES[method])
+
+
+@pytest.mark.parametrize("groups,edit,key,needle", [
+    # attention transfer on an attention without new parameters would train nothing
+    ({"finetune": "transfer", "attention": "softmax"}, {}, "finetune.method", "would train nothing"),
+    ({"finetune": "transfer", "attention": "sliding_window"}, {}, "finetune.method", "sliding_window"),
+    ({"finetune": "transfer", "attention": "linear_elu"}, {"attention.learned_map": False}, "finetune.method",
+     "has none"),
+    # full fine-tuning of frozen quantized tensors
+    ({"finetune": "full", "quant": "int8"}, {}, "finetune.method", "quantized"),
+    ({"finetune": "full", "quant": "int4_g32", "attention": "linear_elu"}, {}, "finetune.method",
+     "full with quant=none"),
+    ({"finetune": "lora", "attention": "linear_elu"}, {"finetune.lora.steps": 0}, "finetune.lora.steps",
+     "train nothing"),
+    ({"finetune": "lolcats", "attention": "sliding_window"}, {"finetune.lora.steps": 0}, "finetune.lora.steps",
+     "train nothing"),
+    ({"finetune": "lolcats", "attention": "linear_elu"}, {"finetune.lora.steps": 0, "finetune.transfer.steps": 0},
+     "finetune.lora.steps", "every phase"),
+    ({"finetune": "lora", "attention": "linear_elu"}, {"finetune.offload_optimizer": True, "finetune.zero_stage": 0},
+     "finetune.offload_optimizer", "zero_stage"),
+    ({"finetune": "transfer", "attention": "linear_elu"}, {"finetune.transfer.block_size": 0},
+     "finetune.transfer.block_size", ">= 1"),
+    ({"finetune": "lora", "attention": "linear_elu"}, {"finetune.method": "qlora"}, "finetune.method", "full"),
+    ({"finetune": "lora", "attention": "linear_elu"}, {"finetune.offload": True}, "finetune.offload",
+     "offload_optimizer"),
+    ({"finetune": "full"}, {"finetune.lora": {"steps": 1}}, "finetune.lora", "unknown key"),
+])
+def test_plan_time_rejections_name_the_key(groups, edit, key, needle):
+    cfg = _point(**groups)
+    for dotted, v in edit.items():
+        sec = cfg
+        *path, last = dotted.split(".")
+        for part in path:
+            sec = sec[part]
+        sec[last] = v
+    with pytest.raises(config.ConfigError) as e:
+        config.validate_point(cfg, cuda_available=False)
+    assert e.value.key == key and needle in str(e.value), str(e.value)
+
+
 def test_ds_config_from_finetune_cfg():
     ft = ft_cfg(zero=2, precision="bf16", grad_clip=0.5)
     c = engine.ds_config(ft, ft["lora"], world=4)
@@ -66,10 +154,12 @@ def test_ds_config_from_finetune_cfg():
     assert c["train_batch_size"] == 2 * 2 * 4
     assert c["zero_optimization"]["stage"] == 2 and c["bf16"]["enabled"] is True
     assert c["gradient_clipping"] == 0.5
-    c3 = engine.ds_config(ft_cfg(zero=3), ft["transfer"], world=2,
+    c3 = engine.ds_config(ft_cfg(zero=3), ft["transfer"], world=2, cuda=True,
                           overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
     assert c3["zero_optimization"] == {"stage": 3, "contiguous_gradients": True, "overlap_comm": False,
                                        "reduce_scatter": True, "stage3_param_persistence_threshold": 0}
+    # gloo (CPU) has no reduce-scatter: one all-reduce of the gradient bucket instead
+    assert engine.ds_config(ft, ft["lora"], world=2, cuda=False)["zero_optimization"]["reduce_scatter"] is False
     f = engine.lr_lambda(20)  # 2 warmup steps, cosine down to 10%
     assert f(0) == pytest.approx(0.5) and f(1) == pytest.approx(1.0)
     assert f(2) == pytest.approx(1.0) and f(19) > 0.1 and f(30) == pytest.approx(0.1)
@@ -81,7 +171,7 @@ def test_slurm_lines_one_node_eight_gpus():
                       "#SBATCH --cpus-per-task=64", "#SBATCH --mem=400G", "#SBATCH --time=04:00:00",
                       "#SBATCH --partition=gpu", "#SBATCH --account=proj42"]
     argv = shlex.split(cmd.split("&&", 1)[1])
-    assert argv[:2] == ["srun", "--nodes=1"] and "--ntasks-per-node=1" in argv
+    assert argv[0] == "srun" and "--nodes=1" in argv and "--ntasks-per-node=1" in argv
     t = argv.index("torchrun")
     assert argv[t:t + 6] == ["torchrun", "--standalone", "--nnodes", "1", "--nproc_per_node", "8"]
     assert argv[-4:] == ["-m", "frontier.finetune.worker", "--spec", "/w/spec.json"]
@@ -120,7 +210,7 @@ def test_local_command_and_env():
 
 
 def test_run_rejects_method_none(micro_base, tmp_path):
-    with pytest.raises(ValueError, match="lolcats"):
+    with pytest.raises(ValueError, match="does not train.*transfer, lolcats, lora, full"):
         finetune.run({"finetune": {"name": "none", "method": "none"}, "data": data_cfg()}, micro_base,
                      tmp_path / "_ckpt")
 
@@ -224,13 +314,14 @@ def test_apply_delta_is_strict(tmp_path):
 # ------------------------------------------------------------------ slow: real 2-process DeepSpeed runs
 @pytest.fixture(scope="module")
 def int4_run(micro_chain, tmp_path_factory):
-    """ZeRO-2, 2 CPU processes, linear_elu over a packed-int4 frozen base: the reference run."""
+    """ZeRO-2, 2 CPU processes, linear_elu over a packed-int4 frozen base, block-wise transfer
+    then LoRA: the reference run."""
     parent = micro_chain("int4_g32", "linear_elu")
     root = tmp_path_factory.mktemp("ft_int4")
     out, debug = root / "lolcats" / "_ckpt", root / "debug"
     t0 = time.time()
-    manifest = finetune.run({"finetune": ft_cfg(zero=2, lora=LONG_LORA), "data": data_cfg()}, parent, out,
-                            debug_dir=debug)
+    manifest = finetune.run({"finetune": ft_cfg(zero=2, lora=LONG_LORA, transfer=BLOCKWISE), "data": data_cfg()},
+                            parent, out, debug_dir=debug)
     ft = manifest["finetune"]
     print(f"\n[finetune int4 ZeRO-2 x2] wall {time.time() - t0:.1f}s tok/s {ft['tok_s']} "
           f"transfer MSE {ft['transfer_mse']['first']} -> {ft['transfer_mse']['last']} "
@@ -253,8 +344,19 @@ def test_zero2_int4_run_writes_delta_and_transfer_mse_falls(int4_run):
     mse = ft["transfer_mse"]
     assert len(mse["first"]) == len(mse["last"]) == 2  # one per layer
     assert all(b < a for a, b in zip(mse["first"], mse["last"])), mse  # fixed held-out batch
+    # block-wise: layer 0 for 6 steps, then layer 1 for 6 steps, each block's MSE recorded
+    tb = ft["transfer_blocks"]
+    assert tb["block_size"] == 1 and tb["steps_per_block"] == 6 and ft["steps"]["transfer"] == 12
+    assert [b["layers"] for b in tb["blocks"]] == [[0], [1]] and all(b["steps"] == 6 for b in tb["blocks"])
+    for i, b in enumerate(tb["blocks"]):
+        # block 1 starts from layer 1's untouched MSE: training block 0 left it exactly as it was
+        # (its parameters frozen, and in transfer mode its input is the teacher's output)
+        assert b["probe_mse_first"] == [mse["first"][i]] and b["probe_mse_last"] == [mse["last"][i]]
+        assert b["probe_mse_last"][0] < b["probe_mse_first"][0] and b["trainable_params"] > 0
+    assert sum(b["trainable_params"] for b in tb["blocks"]) == ft["trainable_params"]["transfer"]
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
-    assert [r["global_step"] for r in log] == list(range(1, 47))
+    assert [r["global_step"] for r in log] == list(range(1, 53))
+    assert [r.get("block") for r in log[:12]] == [0] * 6 + [1] * 6 and "block" not in log[12]
     assert all(r["tok_s"] > 0 and r["lr"] > 0 for r in log) and "mse" in log[0]
     assert ft["tok_s"]["transfer"] > 0 and ft["tok_s"]["lora"] > 0
 
@@ -276,22 +378,25 @@ def test_reloaded_int4_chain_reproduces_trained_logits(int4_run):
 
 @pytest.mark.slow
 def test_kill_and_resume_gives_the_same_run(int4_run, tmp_path, monkeypatch):
-    """Stopped after transfer step 3, then after LoRA step 3 (global 9), then run to the end:
-    the same losses, probe metrics and delta bytes as the uninterrupted run."""
+    """Stopped after step 3 of transfer block 1 (global 9: block 0 finished, block 1 mid-way),
+    then after LoRA step 3 (global 15), then run to the end: the same losses, probe metrics,
+    per-block MSEs and delta bytes as the uninterrupted run."""
     out = tmp_path / "lolcats" / "_ckpt"
-    cfg = {"finetune": ft_cfg(zero=2, lora=LONG_LORA), "data": data_cfg()}
-    for stop, where in ((3, ("transfer", 3)), (9, ("lora", 3))):
+    cfg = {"finetune": ft_cfg(zero=2, lora=LONG_LORA, transfer=BLOCKWISE), "data": data_cfg()}
+    for stop, where in ((9, ("transfer", 1, 3)), (15, ("lora", 0, 3))):
         monkeypatch.setenv("FRONTIER_FT_STOP_AFTER", str(stop))
         with pytest.raises(finetune.FinetuneInterrupted):
             finetune.run(cfg, int4_run["parent"], out)
         state = json.loads((finetune.resume_dir(out) / "state.json").read_text())
-        assert (state["phase"], state["step"]) == where and not out.exists()
+        assert (state["phase"], state["block"], state["step"]) == where and not out.exists()
     monkeypatch.delenv("FRONTIER_FT_STOP_AFTER")
     m = finetune.run(cfg, int4_run["parent"], out)
     ref = int4_run["manifest"]["finetune"]
     assert m["finetune"]["resumes"] == 2
     for key in ("final_loss", "first_loss", "transfer_mse", "lm_loss_probe"):
         assert m["finetune"][key] == ref[key], key
+    drop_speed = lambda tb: [{k: v for k, v in b.items() if k != "tok_s"} for b in tb["blocks"]]  # noqa: E731
+    assert drop_speed(m["finetune"]["transfer_blocks"]) == drop_speed(ref["transfer_blocks"])
     assert (out / "delta.safetensors").read_bytes() == (int4_run["out"] / "delta.safetensors").read_bytes()
     strip = lambda p: [{k: v for k, v in json.loads(x).items() if k not in ("step_s", "tok_s")}  # noqa: E731
                        for x in p.read_text().splitlines()]
@@ -306,6 +411,8 @@ def test_zero3_two_processes(micro_chain, tmp_path):
                      ds_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
     ft = m["finetune"]
     assert ft["zero_stage"] == 3 and ft["phases_run"] == ["transfer", "lora"]
+    blocks = ft["transfer_blocks"]  # block_size null: every layer at once, one block
+    assert blocks["block_size"] is None and [b["layers"] for b in blocks["blocks"]] == [[0, 1]]
     assert ft["zero3_partitioned_params"]["transfer"] > 0 and ft["zero3_partitioned_params"]["lora"] > 0
     assert ft["grad_patched_linears"] == 0
     assert all(b < a for a, b in zip(ft["transfer_mse"]["first"], ft["transfer_mse"]["last"]))
@@ -320,3 +427,62 @@ def test_worker_failure_surfaces_its_error(micro_chain, tmp_path):
         finetune.run(cfg, parent, tmp_path / "_ckpt", echo=False)
     assert not isinstance(e.value, finetune.FinetuneInterrupted)
     assert not (tmp_path / "_ckpt").exists()
+
+
+def _delta(out: Path) -> dict:
+    return checkpoint.load_tensors(out / "delta.safetensors")
+
+
+@pytest.mark.slow
+def test_transfer_only_with_optimizer_offload(micro_chain, tmp_path):
+    """method transfer, ZeRO-2 with the optimizer offloaded (client torch AdamW on CPU): only the
+    feature maps train; their MSE falls; the delta reloads to the trained model."""
+    parent = micro_chain("none", "linear_elu")
+    out, debug = tmp_path / "transfer" / "_ckpt", tmp_path / "debug"
+    m = finetune.run({"finetune": ft_cfg(zero=2, method="transfer", offload_optimizer=True, transfer=SHORT),
+                      "data": data_cfg()}, parent, out, debug_dir=debug)
+    ft = m["finetune"]
+    assert ft["method"] == "transfer" and ft["phases_run"] == ["transfer"] and ft["steps"] == {"transfer": 3}
+    assert ft["offload_optimizer"] is True and ft["offload_active"] == {"transfer": True}
+    ds = ft["ds_config"]["transfer"]
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu" and ds["zero_optimization"]["stage"] == 2
+    assert ds["zero_force_ds_cpu_optimizer"] is False
+    assert all(b < a for a, b in zip(ft["transfer_mse"]["first"], ft["transfer_mse"]["last"])), ft["transfer_mse"]
+    delta = _delta(out)
+    assert delta and all(".feature_map." in k for k in delta) and not (out / "lora.json").exists()
+    assert ft["lm_loss_probe"] is None
+    reload_matches_trained(out, debug, parent)
+
+
+@pytest.mark.slow
+def test_lora_only_on_int4_base(int4_run, tmp_path):
+    """method lora over the packed-int4 base: adapters only (the feature maps keep their surgery values)."""
+    parent = int4_run["parent"]
+    out, debug = tmp_path / "lora" / "_ckpt", tmp_path / "debug"
+    m = finetune.run({"finetune": ft_cfg(zero=2, method="lora", lora=SHORT), "data": data_cfg()}, parent, out,
+                     debug_dir=debug)
+    ft = m["finetune"]
+    assert ft["phases_run"] == ["lora"] and ft["transfer_mse"] is None and ft["transfer_blocks"] is None
+    assert ft["grad_patched_linears"] == 14 and ft["offload_active"] == {"lora": False}
+    delta = _delta(out)
+    assert delta and all(".lora_A." in k or ".lora_B." in k for k in delta)
+    assert json.loads((out / "lora.json").read_text())["r"] == 4
+    assert ft["lm_loss_probe"]["first"] > 0
+    reload_matches_trained(out, debug, parent)
+
+
+@pytest.mark.slow
+def test_full_finetune_trains_every_weight(micro_chain, tmp_path):
+    """method full: every parameter (embeddings, projections, norms, feature maps) is in the delta."""
+    parent = micro_chain("none", "linear_elu")
+    out, debug = tmp_path / "full" / "_ckpt", tmp_path / "debug"
+    m = finetune.run({"finetune": ft_cfg(zero=2, method="full", full=SHORT), "data": data_cfg()}, parent, out,
+                     debug_dir=debug)
+    ft = m["finetune"]
+    assert ft["phases_run"] == ["full"] and ft["steps"] == {"full": 3}
+    names = dict(checkpoint.load_point(parent).model.named_parameters())
+    delta = _delta(out)
+    assert set(delta) == set(names) and ft["trainable_params"]["full"] == sum(p.numel() for p in names.values())
+    assert all(delta[k].dtype == names[k].dtype for k in delta) and not (out / "lora.json").exists()
+    assert ft["lm_loss_probe"]["last"] < ft["lm_loss_probe"]["first"], ft["lm_loss_probe"]
+    reload_matches_trained(out, debug, parent)

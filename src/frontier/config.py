@@ -83,9 +83,15 @@ class DataCfg:
 @dataclass
 class QuantCfg:
     name: str = _f()
-    method: str = _f(choices=("none", "int8_weight_only", "int4_weight_only"))
-    bits: int = _f(choices=(4, 8, 16))
-    group_size: Optional[int] = _f(None, ge=8)
+    method: str = _f(choices=("none", "rtn", "hqq", "gptq", "awq", "nf4", "w8a8", "fp8"))
+    bits: int = _f(choices=(2, 3, 4, 5, 6, 7, 8, 16))
+    group_size: Optional[int] = _f(None, ge=8, doc="input columns per scale; null = one scale per output row")
+    symmetric: bool = _f(False, doc="symmetric codes (no zero point); rtn and gptq/awq only")
+    kv_bits: int = _f(16, choices=(16, 8), doc="KV-cache bits of softmax attention at evaluation (8 = int8 cache)")
+    calib_samples: int = _f(32, ge=1, doc="gptq/awq: calibration windows from the sweep's training split")
+    calib_seq_len: int = _f(256, ge=8, doc="gptq/awq: tokens per calibration window")
+    damp: float = _f(0.01, gt=0, doc="gptq: Hessian damping (fraction of its mean diagonal)")
+    awq_grid: int = _f(20, ge=2, doc="awq: points of the scale-exponent grid search")
 
 
 @dataclass
@@ -125,13 +131,27 @@ class LoraPhaseCfg(PhaseCfg):
 
 
 @dataclass
-class FinetuneNoneCfg:
-    name: str = _f()
-    method: str = _f(choices=("none", "lolcats"))
+class TransferPhaseCfg(PhaseCfg):
+    block_size: Optional[int] = _f(None, ge=1, doc="null: every layer's new attention parameters train at once; "
+                                   "k: layers [0,k), then [k,2k), ..., each block for `steps` steps")
+
+
+# Fine-tuning methods (conf/finetune/<name>.yaml `method:`) and the phases each runs, in order.
+# transfer = attention transfer (MSE vs the softmax teacher; only the new attention parameters
+# train); lora = peft LoRA, next-token loss; full = every weight trains, next-token loss.
+FINETUNE_PHASES = {"none": (), "transfer": ("transfer",), "lolcats": ("transfer", "lora"),
+                   "lora": ("lora",), "full": ("full",)}
 
 
 @dataclass
-class LolcatsCfg(FinetuneNoneCfg):
+class FinetuneNoneCfg:
+    name: str = _f()
+    method: str = _f(choices=tuple(FINETUNE_PHASES))
+
+
+@dataclass
+class FinetuneTrainCfg(FinetuneNoneCfg):
+    """What every training method shares: the DeepSpeed engine and its launch."""
     nproc: int = _f(2, ge=1)
     nodes: int = _f(1, ge=1)
     zero_stage: int = _f(2, choices=(0, 1, 2, 3))
@@ -139,8 +159,28 @@ class LolcatsCfg(FinetuneNoneCfg):
     grad_clip: float = _f(1.0, ge=0)
     seed: int = _f(0)
     checkpoint_every: int = _f(50, ge=1)
-    transfer: PhaseCfg = _f()
+    offload_optimizer: bool = _f(False, doc="ZeRO-Offload: optimizer states and step on the CPU (zero_stage >= 1)")
+
+
+@dataclass
+class TransferCfg(FinetuneTrainCfg):
+    transfer: TransferPhaseCfg = _f()
+
+
+@dataclass
+class LolcatsCfg(FinetuneTrainCfg):
+    transfer: TransferPhaseCfg = _f()
     lora: LoraPhaseCfg = _f()
+
+
+@dataclass
+class LoraCfg(FinetuneTrainCfg):
+    lora: LoraPhaseCfg = _f()
+
+
+@dataclass
+class FullCfg(FinetuneTrainCfg):
+    full: PhaseCfg = _f()
 
 
 @dataclass
@@ -150,11 +190,34 @@ class PplCfg:
     max_tokens: int = _f(ge=16)
 
 
+# Synthetic long-context tasks of `eval.recall.tasks` (frontier.evaluate.recall); each gives
+# `<task>_acc@L` in metrics.json quality (kv: `recall_acc@L`).
+RECALL_TASKS = ("kv", "passkey", "needle_single", "needle_multikey", "needle_multivalue", "mqar")
+
+
+@dataclass
+class NeedleCfg:
+    keys: int = _f(4, ge=2, le=64, doc="needle_multikey: needles with distinct keys (one queried, the rest distractors)")
+    values: int = _f(4, ge=2, doc="needle_multivalue: values of the one queried key (all must be recalled)")
+
+
+@dataclass
+class MqarCfg:
+    pairs: Optional[int] = _f(16, ge=1, doc="key-value pairs per prompt; filler pads the prompt to L between the "
+                              "pairs and the queries. null: fill the context with pairs instead")
+    queries: int = _f(4, ge=1, doc="queries per prompt (distinct keys), scored teacher-forced")
+
+
 @dataclass
 class RecallCfg:
     context_lens: list = _f()
-    samples: int = _f(ge=1)
+    samples: int = _f(ge=1, doc="prompts per task per context length")
     seed: int = _f(0)
+    tasks: list = _f(["kv", "passkey"], doc=f"any of {', '.join(RECALL_TASKS)}")
+    depths: Optional[list] = _f(None, doc="depths in [0, 1] of the queried item, cycled over the samples; "
+                                "null: spread evenly over [0.1, 0.9]")
+    needle: NeedleCfg = _f({})
+    mqar: MqarCfg = _f({})
 
 
 @dataclass
@@ -167,11 +230,24 @@ class CostCfg:
 
 
 @dataclass
+class HarnessCfg:
+    """lm-evaluation-harness tasks, run in-process on the point's loaded model (frontier.evaluate.harness)."""
+    tasks: list = _f([], doc="lm-eval task (or group) names; empty: no harness run")
+    include_path: Optional[str] = _f(None, doc="folder of extra task YAMLs (e.g. tasks on local files)")
+    num_fewshot: Optional[int] = _f(None, ge=0)
+    limit: Optional[float] = _f(None, gt=0, doc="examples per task (>= 1) or a fraction (< 1); null: all")
+    batch_size: int = _f(8, ge=1)
+    on_error: str = _f("fail", choices=("fail", "warn"), doc="warn: a harness failure (e.g. its data unreachable) "
+                       "is recorded in metrics.json warnings and the point's other metrics are kept")
+
+
+@dataclass
 class EvalCfg:
     name: str = _f()
     ppl: PplCfg = _f()
     recall: RecallCfg = _f()
     cost: CostCfg = _f()
+    harness: HarnessCfg = _f({})
 
 
 @dataclass
@@ -230,13 +306,17 @@ class SweepCfg:
 POLYMORPHIC = {
     "attention": ("kind", {"softmax": SoftmaxAttnCfg, "sliding_window": SlidingWindowAttnCfg,
                            "linear": LinearAttnCfg}),
-    "finetune": ("method", {"none": FinetuneNoneCfg, "lolcats": LolcatsCfg}),
+    "finetune": ("method", {"none": FinetuneNoneCfg, "transfer": TransferCfg, "lolcats": LolcatsCfg,
+                            "lora": LoraCfg, "full": FullCfg}),
 }
 SCHEMAS = {"model": ModelCfg, "data": DataCfg, "quant": QuantCfg, "eval": EvalCfg,
            "hardware": HardwareCfg, "tracking": TrackingCfg, "resources": ResourcesCfg}
 TOP_LEVEL_KEYS = set(GROUPS) | {"data", "sweep", "work_dir", "results_dir", "resources"}
 # Methods that need CUDA kernels; rejected at plan time on a CPU-only machine.
-CUDA_ONLY_QUANT: frozenset = frozenset()
+CUDA_ONLY_QUANT: dict = {
+    "fp8": "float8 (e4m3) weights and activations need CUDA tensor cores with fp8 support (sm89+: L4, H100, H200); "
+           "torchao's Float8Tensor has no CPU kernel",
+}
 
 
 # ---------------------------------------------------------------- validation
@@ -338,23 +418,48 @@ def validate_point(cfg: dict, *, cuda_available: Optional[bool] = None) -> None:
         raise ConfigError("model.head_dim", f"heads*head_dim must equal hidden ({m['hidden']})")
     if q["method"] == "none" and q["bits"] != 16:
         raise ConfigError("quant.bits", "method none keeps 16-bit weights; set bits: 16")
-    if q["method"] == "int8_weight_only" and q["bits"] != 8:
-        raise ConfigError("quant.bits", f"int8_weight_only stores 8-bit weights, got {q['bits']}")
-    if q["method"] == "int4_weight_only":
-        if q["bits"] != 4:
-            raise ConfigError("quant.bits", f"int4_weight_only stores 4-bit weights, got {q['bits']}")
-        g = q["group_size"]
-        if g is None:
-            raise ConfigError("quant.group_size", "int4_weight_only needs a group size (32, 64, 128, ...)")
-        for dim_key in ("hidden", "intermediate"):
-            if m[dim_key] % g:
-                raise ConfigError("quant.group_size", f"{g} must divide model.{dim_key}={m[dim_key]}")
+    # Quant methods and what each accepts (bits, group sizes, symmetric codes, a needed package).
+    quant_rules = {
+        "rtn": {"bits": (2, 3, 4, 5, 6, 7, 8)},
+        "hqq": {"bits": (2, 3, 4, 5, 6, 7, 8), "group": True, "asymmetric_only": True},
+        "gptq": {"bits": (2, 3, 4, 5, 6, 7, 8)},
+        "awq": {"bits": (2, 3, 4, 5, 6, 7, 8)},
+        "nf4": {"bits": (4,), "group": True, "groups": (64, 128, 256), "package": "bitsandbytes"},
+        "w8a8": {"bits": (8,), "no_group": True},
+        "fp8": {"bits": (8,), "no_group": True},
+    }
+    rule = quant_rules.get(q["method"])
+    if rule is not None:
+        opt = f"quant option {q['name']!r} (method {q['method']})"
+        if q["bits"] not in rule["bits"]:
+            raise ConfigError("quant.bits", f"{opt} stores {'/'.join(map(str, rule['bits']))}-bit weights, got {q['bits']}")
+        g = q.get("group_size")
+        if rule.get("no_group") and g is not None:
+            raise ConfigError("quant.group_size", f"{opt} uses one scale per output row; set group_size: null")
+        if rule.get("group") and g is None:
+            raise ConfigError("quant.group_size", f"{opt} needs a group size (e.g. 32, 64, 128)")
+        if rule.get("groups") and g not in rule["groups"]:
+            raise ConfigError("quant.group_size", f"{opt} supports block sizes {', '.join(map(str, rule['groups']))}, got {g}")
+        if rule.get("asymmetric_only") and q.get("symmetric"):
+            raise ConfigError("quant.symmetric", f"{opt} has no symmetric variant; set symmetric: false")
+        if g is not None:
+            for dim_key, dim in (("hidden", m["hidden"]), ("intermediate", m["intermediate"]),
+                                 ("heads*head_dim", m["heads"] * m["head_dim"])):
+                if dim % g:
+                    raise ConfigError("quant.group_size", f"{g} must divide model.{dim_key}={dim}")
+        if rule.get("package"):
+            import importlib.util
+            if importlib.util.find_spec(rule["package"]) is None:
+                raise ConfigError("quant.method", f"{opt} needs the {rule['package']} package, which is not installed "
+                                                  f"here (pip install {rule['package']})")
     if q["method"] in CUDA_ONLY_QUANT:
         if cuda_available is None:
             import torch
             cuda_available = torch.cuda.is_available()
         if not cuda_available:
-            raise ConfigError("quant.method", f"{q['method']} needs CUDA and this machine has none")
+            raise ConfigError("quant.method", f"quant option {q['name']!r} (method {q['method']}) cannot run on this "
+                                              f"machine: {CUDA_ONLY_QUANT[q['method']]}; no CUDA device is available. "
+                                              f"Run the sweep where CUDA is, or drop it from the grid")
     longest = max([*ev["recall"]["context_lens"], *ev["cost"]["context_lens"], ev["ppl"]["seq_len"]])
     if longest > m["max_position"]:
         raise ConfigError("eval", f"context length {longest} exceeds model.max_position={m['max_position']}")
@@ -366,12 +471,63 @@ def validate_point(cfg: dict, *, cuda_available: Optional[bool] = None) -> None:
             raise ConfigError(f"eval.{lk}.context_lens", f"must be a non-empty list of integers >= 16, got {lens!r}")
     if ev["ppl"]["stride"] > ev["ppl"]["seq_len"]:
         raise ConfigError("eval.ppl.stride", "must not exceed eval.ppl.seq_len")
+    _validate_eval_tasks(ev)
     if ft["method"] != "none":
-        for phase in ("transfer", "lora"):
+        method, phases = ft["method"], FINETUNE_PHASES[ft["method"]]
+        opt = f"finetune option {ft['name']!r} (method {method})"
+        for phase in phases:
             if ft[phase]["seq_len"] > m["max_position"]:
                 raise ConfigError(f"finetune.{phase}.seq_len", f"exceeds model.max_position={m['max_position']}")
+        if ft["precision"] == "bf16" and q["method"] != "none" and m["dtype"] == "float32":
+            raise ConfigError("finetune.precision", "bf16 training over a quantized float32 base is not supported "
+                              "by the int kernels; use precision: fp32 or a bfloat16 model")
+        # only a linear attention with a learned feature map adds parameters for attention transfer
+        transferable = a["kind"] == "linear" and bool(a.get("learned_map", True))
+        if method == "transfer" and not transferable:
+            raise ConfigError("finetune.method", f"{opt} trains only the new attention parameters, and attention "
+                              f"{a['name']!r} (kind {a['kind']}) has none, so it would train nothing; use lora or "
+                              "full, or a linear attention with a learned feature map")
+        if method == "lolcats" and not transferable and ft["lora"]["steps"] == 0:
+            raise ConfigError("finetune.lora.steps", f"attention {a['name']} has no transfer parameters, so "
+                              "lolcats with lora.steps=0 would train nothing")
+        if all(ft[phase]["steps"] == 0 for phase in phases):
+            raise ConfigError(f"finetune.{phases[-1]}.steps", f"{opt} with 0 steps in every phase "
+                              f"({', '.join(phases)}) would train nothing (use finetune=none)")
+        if method == "full" and q["method"] != "none":
+            raise ConfigError("finetune.method", f"{opt} trains every weight, but quant option {q['name']!r} "
+                              f"(method {q['method']}) stores the linear weights as frozen quantized tensors that "
+                              "cannot be trained; use lora or lolcats on a quantized base, or full with quant=none")
+        if ft["offload_optimizer"] and ft["zero_stage"] == 0:
+            raise ConfigError("finetune.offload_optimizer", "optimizer offload is a ZeRO feature; set zero_stage "
+                              "to 1, 2 or 3, or offload_optimizer: false")
         if ft["zero_stage"] == 3 and q["method"] != "none":
             raise ConfigError("finetune.zero_stage", "ZeRO-3 partitions the frozen quantized base, which torchao tensors do not support; use 0, 1 or 2")
+
+
+def _validate_eval_tasks(ev: dict) -> None:
+    """eval.recall.tasks / depths and eval.harness.tasks."""
+    rc = ev["recall"]
+    tasks = rc.get("tasks", ["kv", "passkey"])
+    for i, t in enumerate(tasks):
+        if t not in RECALL_TASKS:
+            raise ConfigError(f"eval.recall.tasks[{i}]", f"unknown task {t!r}; allowed: {', '.join(RECALL_TASKS)}")
+    if len(set(tasks)) != len(tasks):
+        raise ConfigError("eval.recall.tasks", f"lists a task twice: {tasks}")
+    depths = rc.get("depths")
+    if depths is not None and (not depths or not all(isinstance(d, (int, float)) and not isinstance(d, bool)
+                                                      and 0 <= d <= 1 for d in depths)):
+        raise ConfigError("eval.recall.depths", f"must be null or a non-empty list of numbers in [0, 1], got {depths!r}")
+    h = ev.get("harness") or {}
+    htasks = h.get("tasks") or []
+    if not all(isinstance(t, str) and t for t in htasks):
+        raise ConfigError("eval.harness.tasks", f"must be a list of lm-eval task names, got {htasks!r}")
+    if h.get("limit") is not None and h["limit"] > 1 and h["limit"] != int(h["limit"]):
+        raise ConfigError("eval.harness.limit", f"a count (integer >= 1) or a fraction (< 1), got {h['limit']!r}")
+    if htasks:
+        import importlib.util
+        if importlib.util.find_spec("lm_eval") is None:
+            raise ConfigError("eval.harness.tasks", "lm-evaluation-harness tasks need the lm_eval package, which is "
+                              "not installed here (pip install lm-eval==0.4.13), or set eval.harness.tasks: []")
 
 
 # ---------------------------------------------------------------- composition

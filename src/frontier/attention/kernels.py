@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -207,77 +208,83 @@ def linear_attention_chunked(
     initial_state: LinearState | None = None,
     return_state: bool = False,
     key_valid: torch.Tensor | None = None,
+    segment_size: int = 512,
+    q_map: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    k_map: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, LinearState]:
     """Chunked causal linear attention in PyTorch (CPU and GPU), O(L) time and memory.
 
-    Within a chunk: masked quadratic ``(phi(Q_c) phi(K_c)^T * tril) V_c`` (one batched matmul over
-    all chunks); per-chunk states ``phi(K_c)^T V_c`` and key sums likewise in one batched matmul;
-    across chunks: a running state over the ``L / C`` chunk states (a short loop of small matmuls;
-    on a quiet 2-core CPU it measured faster than ``cumsum`` over all chunk states + one big matmul,
-    which moves far more memory). The normaliser
-    ``phi(q) . z`` is computed alongside. ``L`` need not be a multiple of ``chunk_size`` (zero
-    padding; zero features contribute nothing). Differentiable (autograd).
+    Within a chunk of ``C = chunk_size`` tokens: masked quadratic ``(phi(Q_c) phi(K_c)^T * tril) V_c``;
+    across chunks: exclusive prefix sums of the chunk states ``phi(K_c)^T V_c`` (and key sums for
+    the normaliser ``phi(q) . z``). The sequence is processed in segments of ``segment_size``
+    tokens (a multiple of ``C``) carrying the state ``(S, z)`` from one segment to the next, so the
+    temporaries of each step stay cache-sized: on a 2-core CPU this ran ~2x faster than doing each
+    op over the whole sequence. ``q_map``/``k_map`` (optional) turn raw q/k slices into features
+    per segment (fusing the feature map into the same cache-resident pass); without them ``q``/``k``
+    are already features. ``L`` need not be a multiple of ``C`` (zero padding; zero features add
+    nothing). Differentiable (autograd).
     """
     if chunk_size < 1:
         raise ValueError("chunk_size must be >= 1")
     groups = _check_gqa(q, k, v)
-    B, Hq, L, Fd = q.shape
+    B, Hq, L, _ = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
     out_dtype = v.dtype
     acc = _acc_dtype(v.dtype)
-    k, v = _mask_keys(k, v, key_valid)
-
     C = min(chunk_size, max(L, 1))
-    N = max(1, math.ceil(L / C))
-    pad = N * C - L
-    qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
-    if pad:
-        qf = F.pad(qf, (0, 0, 0, pad))
-        kf = F.pad(kf, (0, 0, 0, pad))
-        vf = F.pad(vf, (0, 0, 0, pad))
-    qc = qf.reshape(B, Hkv, groups, N, C, Fd)
-    kc = kf.reshape(B, Hkv, N, C, Fd)
-    vc = vf.reshape(B, Hkv, N, C, Dv)
-
-    # intra-chunk (causal, diagonal included); in-place ops only touch matmul outputs (autograd-safe)
-    scores = torch.einsum("bhgncf,bhnmf->bhgncm", qc, kc)
+    T = max(C, (segment_size // C) * C)
     tril = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    scores.masked_fill_(~tril, 0.0)
-    num = torch.einsum("bhgncm,bhnmd->bhgncd", scores, vc)
-    den = scores.sum(-1)
-
-    # inter-chunk. Normaliser: prefix sums of per-chunk key sums (small, [B,Hkv,N,F]); numerator: a
-    # running state S over the N chunks.
-    chunk_kv = kc.transpose(-1, -2) @ vc  # [B,Hkv,N,F,Dv]
-    z_incl = kc.sum(3).cumsum(2)  # [B,Hkv,N,F]
+    S = z = None
     if initial_state is not None:
-        S = initial_state[0].to(acc)[:, :, None]  # [B,Hkv,1,F,Dv]
-        z0 = initial_state[1].to(acc)[:, :, None]  # [B,Hkv,1,F]
-        z_incl = z_incl + z0
-    else:
-        S = torch.zeros(B, Hkv, 1, Fd, Dv, dtype=acc, device=q.device)
-        z0 = torch.zeros(B, Hkv, 1, Fd, dtype=acc, device=q.device)
-    z_excl = torch.cat([z0, z_incl[:, :, :-1]], dim=2)
-    den = den + torch.einsum("bhgncf,bhnf->bhgnc", qc, z_excl)
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (qc, kc, vc, S))
-    if grad:
-        nums = []
-        for n in range(N):
-            nums.append(qc[:, :, :, n] @ S)
-            S = S + chunk_kv[:, :, n, None]
-        num = num + torch.stack(nums, dim=3)
-    else:  # inference: no per-chunk temporaries
-        inter = torch.empty(N, B, Hkv, groups, C, Dv, dtype=acc, device=q.device)
-        S = S.clone()  # never update a caller's (cache's) state in place
-        for n in range(N):
-            torch.matmul(qc[:, :, :, n], S, out=inter[n])
-            S += chunk_kv[:, :, n, None]
-        num += inter.permute(1, 2, 3, 0, 4, 5)
+        S, z = initial_state[0].to(acc), initial_state[1].to(acc)
+    outs = []
+    for s in range(0, max(L, 1), T):
+        e = min(L, s + T)
+        n_tok = e - s
+        qs, ks, vs = q[:, :, s:e], k[:, :, s:e], v[:, :, s:e]
+        if q_map is not None:
+            qs = q_map(qs)
+        if k_map is not None:
+            ks = k_map(ks)
+        qs, ks, vs = qs.to(acc), ks.to(acc), vs.to(acc)
+        if key_valid is not None:
+            ks, vs = _mask_keys(ks, vs, key_valid[:, s:e])
+        n = math.ceil(n_tok / C)
+        pad = n * C - n_tok
+        if pad:
+            qs = F.pad(qs, (0, 0, 0, pad))
+            ks = F.pad(ks, (0, 0, 0, pad))
+            vs = F.pad(vs, (0, 0, 0, pad))
+        Fd = qs.shape[-1]
+        if S is None:
+            S = torch.zeros(B, Hkv, Fd, Dv, dtype=acc, device=q.device)
+            z = torch.zeros(B, Hkv, Fd, dtype=acc, device=q.device)
+        qc = qs.reshape(B, Hkv, groups, n, C, Fd)
+        kc = ks.reshape(B, Hkv, n, C, Fd)
+        vc = vs.reshape(B, Hkv, n, C, Dv)
 
-    res = (num / (den + eps)[..., None]).reshape(B, Hq, N * C, Dv)[:, :, :L].to(out_dtype)
+        # intra-chunk (causal, diagonal included); in-place ops only touch fresh matmul/sum outputs
+        scores = torch.einsum("bhgncf,bhnmf->bhgncm", qc, kc)
+        scores.masked_fill_(~tril, 0.0)
+        num = torch.einsum("bhgncm,bhnmd->bhgncd", scores, vc)
+        den = scores.sum(-1)
+
+        # inter-chunk: state before each chunk = carried state + exclusive prefix of chunk states
+        incl = torch.einsum("bhncf,bhncd->bhnfd", kc, vc).cumsum(2)  # [B,Hkv,n,F,Dv]
+        z_incl = kc.sum(3).cumsum(2)  # [B,Hkv,n,F]
+        S0, z0 = S[:, :, None], z[:, :, None]
+        excl = torch.cat([S0, incl[:, :, :-1] + S0], dim=2)
+        z_excl = torch.cat([z0, z_incl[:, :, :-1] + z0], dim=2)
+        num += torch.einsum("bhgncf,bhnfd->bhgncd", qc, excl)
+        den += torch.einsum("bhgncf,bhnf->bhgnc", qc, z_excl)
+        S = S + incl[:, :, -1]
+        z = z + z_incl[:, :, -1]
+        outs.append((num / (den + eps)[..., None]).reshape(B, Hq, n * C, Dv)[:, :, :n_tok])
+
+    res = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)).to(out_dtype)
     if not return_state:
         return res
-    return res, (S[:, :, 0], z_incl[:, :, -1])
+    return res, (S, z)
 
 
 _FLA_WARNED = False
@@ -330,21 +337,37 @@ def linear_attention_prefill(
     initial_state: LinearState | None = None,
     key_valid: torch.Tensor | None = None,
     use_fla: bool | None = None,
+    segment_size: int = 512,
+    q_map: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    k_map: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, LinearState]:
-    """Prefill dispatcher: fla's Triton kernel on CUDA when importable, else the PyTorch chunked form."""
+    """Prefill dispatcher: fla's Triton kernel on CUDA when ``fla`` imports, else the PyTorch
+    chunked form. Returns ``(out, (S, z))``. ``q_map``/``k_map`` as in :func:`linear_attention_chunked`."""
     if use_fla is None:
         use_fla = HAS_FLA and q.is_cuda
     if use_fla and _fla_chunk_linear_attn is not None:
         global _FLA_WARNED
         try:
-            kk, vv = _mask_keys(k, v, key_valid)
-            return _linear_attention_fla(q, kk, vv, eps, initial_state)
+            fq = q_map(q) if q_map is not None else q
+            fk = k_map(k) if k_map is not None else k
+            fk, vv = _mask_keys(fk, v, key_valid)
+            return _linear_attention_fla(fq, fk, vv, eps, initial_state)
         except Exception as exc:  # pragma: no cover - GPU only
             if not _FLA_WARNED:
                 warnings.warn(f"fla chunk_linear_attn failed ({exc!r}); using the PyTorch chunked kernel")
                 _FLA_WARNED = True
     return linear_attention_chunked(
-        q, k, v, chunk_size=chunk_size, eps=eps, initial_state=initial_state, return_state=True, key_valid=key_valid
+        q,
+        k,
+        v,
+        chunk_size=chunk_size,
+        eps=eps,
+        initial_state=initial_state,
+        return_state=True,
+        key_valid=key_valid,
+        segment_size=segment_size,
+        q_map=q_map,
+        k_map=k_map,
     )
 
 

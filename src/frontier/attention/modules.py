@@ -406,7 +406,7 @@ class SlidingWindowAttention(FrontierAttention):
     def __init__(self, orig: nn.Module, cfg: dict):
         super().__init__(orig, cfg)
         self.window = int(cfg["window"])
-        self.block_size = int(cfg.get("block_size", 256))
+        self.block_size = int(cfg.get("block_size", 128))
 
     def _attend(self, q, k, v, valid, cache):
         if cache is None:
@@ -484,6 +484,7 @@ class LinearAttention(FrontierAttention):
         super().__init__(orig, cfg)
         self.chunk_size = int(cfg.get("chunk_size", 64))
         self.eps = float(cfg.get("eps", 1e-6))
+        self.segment_size = int(cfg.get("segment_size", 512))
         w = orig.q_proj.weight
         dtype = w.dtype if torch.is_floating_point(torch.empty((), dtype=w.dtype)) else torch.float32
         self.feature_map = LinearFeatureMap(
@@ -497,17 +498,29 @@ class LinearAttention(FrontierAttention):
         )
 
     def _attend(self, q, k, v, valid, cache):
-        fq, fk = self.feature_map(q, k)
-        if cache is None:
-            out, _ = K.linear_attention_prefill(fq, fk, v, chunk_size=self.chunk_size, eps=self.eps, key_valid=valid)
-            return out
-        layer = _ensure_cache_layer(cache, self.layer_idx, LinearStateLayer)
-        state = layer.get_state()
+        fm = self.feature_map
+        state = None
+        layer = None
+        if cache is not None:
+            layer = _ensure_cache_layer(cache, self.layer_idx, LinearStateLayer)
+            state = layer.get_state()
         if state is not None and q.shape[2] == 1:
-            out, new_state = K.linear_attention_recurrent_step(fq, fk, v, state, eps=self.eps, key_valid=valid)
-        else:
-            out, new_state = K.linear_attention_prefill(
-                fq, fk, v, chunk_size=self.chunk_size, eps=self.eps, initial_state=state, key_valid=valid
+            out, new_state = K.linear_attention_recurrent_step(
+                fm.forward_q(q), fm.forward_k(k), v, state, eps=self.eps, key_valid=valid
             )
-        layer.update_state(new_state, q.shape[2])
+        else:  # the feature maps run inside the kernel, segment by segment
+            out, new_state = K.linear_attention_prefill(
+                q,
+                k,
+                v,
+                chunk_size=self.chunk_size,
+                eps=self.eps,
+                initial_state=state,
+                key_valid=valid,
+                segment_size=self.segment_size,
+                q_map=fm.forward_q,
+                k_map=fm.forward_k,
+            )
+        if layer is not None:
+            layer.update_state(new_state, q.shape[2])
         return out

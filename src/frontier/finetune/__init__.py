@@ -1,9 +1,16 @@
-"""Stage `finetune`: LoLCATs-style recovery of a surgered (and maybe quantized) model, on DeepSpeed.
+"""Stage `finetune`: recovery of a surgered (and maybe quantized) model, on DeepSpeed.
+
+Methods (`finetune.method`, see `config.FINETUNE_PHASES`): `transfer` (attention transfer:
+only the new attention parameters train, MSE vs the softmax teacher; all layers at once or
+block by block), `lolcats` (transfer, then LoRA), `lora` (LoRA only, next-token loss),
+`full` (every weight, next-token loss; not on a quantized base). All run the same DeepSpeed
+engine path (ZeRO 0-3, optional optimizer offload).
 
 `run(cfg, parent, out_dir)` writes a spec, launches ONE `torchrun` of
 `frontier.finetune.worker` (local processes, or one torchrun per node under Slurm), streams
 its output, and returns the manifest the worker's rank 0 wrote. The checkpoint holds only
-what was trained (`delta.safetensors`: feature maps + LoRA A/B; `lora.json`: the LoraConfig);
+what was trained (`delta.safetensors`: feature maps, LoRA A/B, or every weight for `full`;
+`lora.json`: the LoraConfig when LoRA ran);
 `apply_delta` re-applies it to the parent chain's model.
 
 Files next to the final `_ckpt` while running: `_ckpt.work/` (spec, token cache, DeepSpeed
@@ -11,7 +18,6 @@ resume checkpoints, the step log), removed after success; a rerun after a kill r
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -51,15 +57,16 @@ def prepare(cfg: dict, parent: Path, out_dir: Path, *, tracking_cfg: Optional[di
     Used by `run`; a hand-written multi-node sbatch script can call it and then run the
     srun line of `launch.slurm_lines(..., module_args=["--spec", path])`.
     """
+    from .worker import method_phases
+
     ft = cfg["finetune"]
-    if ft.get("method") != "lolcats":
-        raise ValueError(f"finetune.method {ft.get('method')!r}: only 'lolcats' runs (the pipeline skips 'none')")
+    method_phases(ft)  # 'none' (the pipeline skips it) or an unknown method: ValueError
     parent, out_dir = Path(parent).resolve(), Path(out_dir).resolve()
     checkpoint.read_manifest(parent, verify=False)  # fail here, not in N processes
     work = resume_dir(out_dir)
     work.mkdir(parents=True, exist_ok=True)
     spec = {"cfg": cfg, "parent": str(parent), "out_dir": str(out_dir), "resume_dir": str(work),
-            "tracking": tracking_cfg, "sweep": sweep, "name": name or f"finetune/{ft.get('name', 'lolcats')}",
+            "tracking": tracking_cfg, "sweep": sweep, "name": name or f"finetune/{ft.get('name', ft['method'])}",
             "wandb_dir": str(Path(work_dir).resolve()), "started": time.time(),
             "ds_overrides": ds_overrides or {}, "debug_dir": str(debug_dir) if debug_dir else None}
     path = work / "spec.json"
@@ -94,7 +101,7 @@ def run(cfg: dict, parent: Path, out_dir: Path, *, tracking_cfg: Optional[dict] 
         ds_overrides: Optional[dict] = None, debug_dir: Optional[Path] = None, echo: bool = True) -> dict:
     """Fine-tune the parent chain's model into `out_dir` (a `_ckpt` dir); returns its manifest.
 
-    `cfg` = {"finetune": <lolcats config>, "data": <data config>}. `tracking_cfg` (alias
+    `cfg` = {"finetune": <a training method's config>, "data": <data config>}. `tracking_cfg` (alias
     `tracking`) is the W&B section; rank 0 logs there. `ds_overrides` is merged into each
     phase's DeepSpeed config; `debug_dir` makes rank 0 save the trained model's logits on a
     fixed batch there (tests). Raises FinetuneError with the workers' output tail on failure.

@@ -5,6 +5,15 @@ over that phase's trainable parameters only (no C++ build needed), a linear-warm
 learning-rate schedule (a client `LambdaLR`, stepped by the engine and saved in its
 checkpoints), ZeRO stage / precision / clipping from the finetune config.
 
+Optimizer offload (`offload_optimizer: true`, ZeRO >= 1): `zero_optimization.offload_optimizer
+= {device: cpu}`: the fp32 partitions, their gradients and the optimizer step live on the CPU.
+On CUDA the client optimizer is DeepSpeed's `DeepSpeedCPUAdam` (the fast CPU Adam offload is
+built for; it JIT-compiles once, ~40 s). Without CUDA the "device" already is the CPU, and
+CPUAdam's build buys nothing there: the client `torch.optim.AdamW` stays, with
+`zero_force_ds_cpu_optimizer: false` (DeepSpeed otherwise refuses a client optimizer under
+offload). The engine then runs ZeRO-Offload's code path (CPU fp32 partitions, gradient
+copies into them) with torch's AdamW stepping them.
+
 Frozen quantized weights: ZeRO 1/2 partition only what the optimizer holds (the trainable
 parameters), so a torchao-quantized frozen base is fine there; ZeRO-3 partitions every
 parameter and cannot hold torchao tensor subclasses (rejected at plan time by the config).
@@ -49,17 +58,34 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
-def ds_config(ft: dict, phase: dict, world: int, overrides: Optional[dict] = None) -> dict:
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def ds_config(ft: dict, phase: dict, world: int, overrides: Optional[dict] = None, *,
+              cuda: Optional[bool] = None) -> dict:
     """The DeepSpeed config of one phase.
 
-    `ft` is the finetune (lolcats) config, `phase` its `transfer` or `lora` section,
-    `world` the number of data-parallel processes; `overrides` is merged in last.
+    `ft` is the finetune config, `phase` its `transfer`, `lora` or `full` section, `world`
+    the number of data-parallel processes; `overrides` is merged in last. `cuda` (default:
+    whether CUDA is there) decides the optimizer side of offload (see the module docstring).
     """
     mb, ga = int(phase["micro_batch"]), int(phase.get("grad_accum", 1))
     stage = int(ft["zero_stage"])
+    cuda = _cuda() if cuda is None else cuda
     zero = {"stage": stage}
     if stage >= 2:
-        zero.update(contiguous_gradients=True, overlap_comm=False, reduce_scatter=True)
+        # gloo has no reduce-scatter: DeepSpeed emulates it with one reduce per rank, which measured
+        # ~5 ms/step slower than a single all-reduce of the bucket on 2 CPU processes
+        # (bench/finetune.py); NCCL has the real thing, and it halves the gradient traffic
+        zero.update(contiguous_gradients=True, overlap_comm=False, reduce_scatter=bool(cuda))
+    offload = bool(ft.get("offload_optimizer", False))
+    if offload:
+        if stage == 0:
+            raise ValueError("finetune.offload_optimizer needs zero_stage 1, 2 or 3")
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": bool(cuda)}
     cfg = {
         "train_micro_batch_size_per_gpu": mb,
         "gradient_accumulation_steps": ga,
@@ -74,7 +100,16 @@ def ds_config(ft: dict, phase: dict, world: int, overrides: Optional[dict] = Non
         "wall_clock_breakdown": False,
         "checkpoint": {"tag_validation": "Warn"},
     }
+    if offload and not cuda:
+        cfg["zero_force_ds_cpu_optimizer"] = False  # keep the client torch AdamW (no CPUAdam build)
     return _merge(cfg, overrides or {})
+
+
+def uses_cpu_adam(cfg: dict) -> bool:
+    """Whether a phase with this DeepSpeed config steps with DeepSpeedCPUAdam (offload on CUDA)."""
+    z = cfg.get("zero_optimization", {})
+    return bool(z.get("offload_optimizer")) and z["offload_optimizer"].get("device") == "cpu" \
+        and cfg.get("zero_force_ds_cpu_optimizer", True)
 
 
 def patch_engine() -> None:
@@ -131,7 +166,13 @@ def build(module, params: Iterable, ft: dict, phase: dict, world: int, steps: in
     if not params:
         raise ValueError("no trainable parameters for this phase")
     cfg = ds_config(ft, phase, world, overrides)
-    opt = torch.optim.AdamW(params, lr=float(phase["lr"]), betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    kw = dict(lr=float(phase["lr"]), betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    if uses_cpu_adam(cfg):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        opt = DeepSpeedCPUAdam(params, adamw_mode=True, **kw)
+    else:
+        opt = torch.optim.AdamW(params, **kw)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps))
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=cfg)
     return engine, cfg

@@ -94,7 +94,8 @@ def slurm_lines(nodes: int, gpus_per_node: int, cpus_per_task: int, mem: str, ti
     if account:
         header.append(f"#SBATCH --account={account}")
     worker = shlex.join(["-m", WORKER_MODULE, *_module_args(module_args)])
-    srun = (f"srun --nodes={nodes} --ntasks-per-node=1 --cpus-per-task={cpus_per_task} "
+    # --overlap: inside a Snakemake job step the allocation's CPUs are held by the outer srun
+    srun = (f"srun --overlap --nodes={nodes} --ntasks-per-node=1 --cpus-per-task={cpus_per_task} "
             f"--kill-on-bad-exit=1")
     if nodes == 1:
         cmd = (f"export PYTHONHASHSEED=0 && {srun} {torchrun} --standalone --nnodes 1 "

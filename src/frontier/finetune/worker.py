@@ -1,18 +1,27 @@
 """The per-process training entry point: `python -m frontier.finetune.worker --spec spec.json`.
 
 Started by torchrun (one process per GPU, or per CPU "slot" with gloo), never by hand.
-Every rank loads the parent chain, draws its own batches (rank/world), and runs two
-phases, each a DeepSpeed engine:
+Every rank loads the parent chain, draws its own batches (rank/world), and runs the phases
+of its method (`config.FINETUNE_PHASES`: transfer → [transfer]; lolcats → [transfer, lora];
+lora → [lora]; full → [full]), each phase (each transfer block) its own DeepSpeed engine:
 
-1. attention transfer — only the new attention parameters (feature maps) train; the loss
-   is the mean over layers of MSE(student, softmax teacher) with transfer mode on (every
-   layer passes the teacher's output on). Skipped, and recorded as such, when the surgery
-   added no parameters (sliding window, softmax) or `transfer.steps` is 0.
-2. LoRA — transfer mode off, feature maps frozen, peft LoRA on `lora.targets`, next-token
-   cross-entropy.
+* transfer — attention transfer: only the new attention parameters (feature maps) train;
+  the loss is the mean over the trained layers of MSE(student, softmax teacher) with
+  transfer mode on (every layer passes the teacher's output on, so a layer's MSE depends on
+  its own parameters only). `transfer.block_size: k` trains layers [0,k), then [k,2k), ...,
+  each block for `transfer.steps` steps with its own optimizer (only that block's parameters
+  trainable); null trains every layer at once (one block). Per-block probe MSEs go into the
+  manifest. Skipped, and recorded as such, when the surgery added no parameters (sliding
+  window, softmax: lolcats then runs LoRA only) or `transfer.steps` is 0.
+* lora — transfer mode off, feature maps frozen, peft LoRA on `lora.targets`, next-token
+  cross-entropy.
+* full — transfer mode off, every parameter trains (not on a quantized base), next-token
+  cross-entropy; the delta is every parameter, in the dtype it was loaded in.
 
 Resume: every `checkpoint_every` optimizer steps the engine saves a DeepSpeed checkpoint
-(trainable state only: `exclude_frozen_parameters`) into `<out_dir>.work/<phase>/step<N>`,
+(trainable state only: `exclude_frozen_parameters`) into `<out_dir>.work/<phase>/step<N>`
+(`transfer/b<j>/step<N>` for transfer block j; a finished block leaves its tensors in
+`transfer_b<j>.safetensors`),
 each rank its RNG state beside it, and rank 0 records the position in `state.json`. A new
 start with the same spec (fingerprint: configs, parent, world size) continues from there:
 same phase, same step, the data streams fast-forwarded to the same position, so the loss
@@ -43,7 +52,8 @@ TOKENS = "tokens.safetensors"
 SPEC = "spec.json"
 STOP_ENV = "FRONTIER_FT_STOP_AFTER"
 STOP_EXIT = 3
-PHASES = ("transfer", "lora")
+PHASES = ("transfer", "lora", "full")  # every phase there is; a method runs some, in this order
+LM_PHASES = ("lora", "full")  # next-token phases
 PROBE_SEED = 10_007
 PROBE_ROWS = 8  # rows of the fixed held-out batch the phase metrics are measured on
 
@@ -60,6 +70,30 @@ def final_name(phase: str) -> str:
     return f"{phase}_final.safetensors"
 
 
+def block_name(j: int) -> str:
+    return f"transfer_b{j}.safetensors"
+
+
+def transfer_blocks(layers: list, block_size: Optional[int]) -> list:
+    """[[layer, ...], ...]: consecutive runs of `block_size` of the sorted layer indices (one
+    block of all of them when block_size is null)."""
+    layers = sorted(layers)
+    if not layers:
+        return []
+    k = len(layers) if not block_size else int(block_size)
+    return [layers[i:i + k] for i in range(0, len(layers), k)]
+
+
+def method_phases(ft: dict) -> tuple:
+    from ..config import FINETUNE_PHASES
+
+    method = ft.get("method")
+    if method not in FINETUNE_PHASES or not FINETUNE_PHASES[method]:
+        raise ValueError(f"finetune.method {method!r} does not train; methods that do: "
+                         f"{', '.join(m for m, p in FINETUNE_PHASES.items() if p)}")
+    return FINETUNE_PHASES[method]
+
+
 class StopRequested(SystemExit):
     pass
 
@@ -71,11 +105,14 @@ def _objectives():
     from .. import attention
 
     class TransferObjective(torch.nn.Module):
-        """loss = mean over swapped layers of MSE(student, teacher); aux = per-layer MSEs."""
+        """loss = mean over the trained layers (`layers`: layer indices; None: all) of
+        MSE(student, teacher); aux = every swapped layer's MSE, in layer order."""
 
-        def __init__(self, model):
+        def __init__(self, model, layers=None):
             super().__init__()
             self.model = model
+            order = [m.layer_idx for m in attention.swapped_modules(model)]
+            self.pick = None if layers is None else [order.index(i) for i in layers]
 
         def forward(self, input_ids):
             body = getattr(self.model, "model", self.model)  # skip the LM head: only layer outputs matter
@@ -84,7 +121,8 @@ def _objectives():
             if not losses:
                 raise RuntimeError("transfer mode produced no transfer losses (no swapped attention layers?)")
             per_layer = torch.stack([loss.float() for loss in losses])
-            return per_layer.mean(), per_layer.detach()
+            loss = per_layer.mean() if self.pick is None else per_layer[self.pick].mean()
+            return loss, per_layer.detach()
 
     class LMObjective(torch.nn.Module):
         """Next-token cross-entropy of the causal LM."""
@@ -125,7 +163,9 @@ class Worker:
             self.device = torch.device("cpu")
         self.stop_after = int(os.environ[STOP_ENV]) if os.environ.get(STOP_ENV) else None
         self.zero = int(self.ft["zero_stage"])
-        self.total_steps = sum(int(self.ft[p]["steps"]) for p in PHASES)
+        self.phases = method_phases(self.ft)
+        self.blocks: list = []  # transfer blocks (layer index lists), known once the model is loaded
+        self.phase_steps = {p: int(self.ft[p]["steps"]) for p in self.phases}
         self.run = None
         self.bar = None
         self.patched: list = []
@@ -187,8 +227,9 @@ class Worker:
                             shutil.rmtree(p) if p.is_dir() else p.unlink()
                     state = None
             if state is None:
-                state = {"fingerprint": fp, "phase": PHASES[0], "step": 0, "global_step": 0, "tag": None,
-                         "done": [], "phases": {}, "resumes": 0, "started": time.time()}
+                state = {"fingerprint": fp, "phase": self.phases[0], "step": 0, "global_step": 0, "tag": None,
+                         "block": 0, "blocks": [], "done": [], "phases": {}, "resumes": 0,
+                         "started": time.time()}
             else:
                 state["resumes"] = state.get("resumes", 0) + 1
                 print(f"[finetune] resuming from {self.work}: phase {state['phase']} step {state['step']} "
@@ -209,6 +250,11 @@ class Worker:
         self.check_precision(model)
         self.tokenizer = tok
         self.model_cache = model
+        if "transfer" in self.phases:
+            layers = sorted(set(self.layer_of(model).values()))
+            self.blocks = transfer_blocks(layers, self.ft["transfer"].get("block_size"))
+            self.phase_steps["transfer"] = int(self.ft["transfer"]["steps"]) * max(1, len(self.blocks))
+        self.total_steps = sum(self.phase_steps.values())
         if self.is_main and not (self.work / TOKENS).exists():
             train_ids, held_ids = self.data.token_splits(tok, self.data_cfg)
             self.checkpoint.save_tensors({"train": train_ids, "heldout": held_ids}, self.work / TOKENS)
@@ -229,6 +275,21 @@ class Worker:
             raise ValueError(f"finetune.precision=bf16 on a base quantized in {', '.join(bad)}: torchao's kernels "
                              "need activations of the quantized weights' dtype. Use precision fp32, or a bfloat16 "
                              "base (model.dtype: bfloat16) for quantized points.")
+
+    def layer_of(self, model) -> dict:
+        """{attention parameter name: its decoder layer index}."""
+        from .. import attention
+
+        mods = {name: m.layer_idx for name, m in model.named_modules() if m in attention.swapped_modules(model)}
+        out = {}
+        for pname in attention.attention_parameters(model):
+            owner = max((n for n in mods if pname.startswith(n + ".")), key=len)
+            out[pname] = mods[owner]
+        return out
+
+    def next_phase(self, phase: str) -> str:
+        i = self.phases.index(phase)
+        return self.phases[i + 1] if i + 1 < len(self.phases) else "export"
 
     def fresh_model(self):
         if self.model_cache is not None:
@@ -261,9 +322,12 @@ class Worker:
         return [float(x) for x in aux.cpu()]
 
     # ---------------------------------------------------------------- checkpoints
-    def save_ckpt(self, engine, phase: str, step: int):
+    def ckpt_dir(self, phase: str, block: Optional[int]) -> Path:
+        return self.work / phase / f"b{block}" if block is not None else self.work / phase
+
+    def save_ckpt(self, engine, phase: str, step: int, block: Optional[int] = None):
         torch = self.torch
-        d = self.work / phase
+        d = self.ckpt_dir(phase, block)
         tag = f"step{step}"
         engine.save_checkpoint(str(d), tag=tag, client_state={"phase": phase, "step": step,
                                                               "global_step": self.global_step},
@@ -275,7 +339,8 @@ class Worker:
         torch.save(rng, d / tag / f"rng_rank{self.rank}.pt")
         self.barrier()
         if self.is_main:
-            self.state.update(phase=phase, step=step, global_step=self.global_step, tag=tag)
+            self.state.update(phase=phase, step=step, global_step=self.global_step, tag=tag,
+                              block=block if block is not None else 0)
             self.save_state()
             for old in d.iterdir():
                 if old.is_dir() and old.name.startswith("step") and old.name != tag:
@@ -289,11 +354,13 @@ class Worker:
                   f"({STOP_ENV})", file=sys.stderr, flush=True)
             raise StopRequested(STOP_EXIT)
 
-    def restore(self, engine, phase: str) -> int:
+    def restore(self, engine, phase: str, block: Optional[int] = None) -> int:
         torch = self.torch
         if self.state["phase"] != phase or not self.state.get("tag"):
             return 0
-        d = self.work / phase
+        if block is not None and int(self.state.get("block", 0)) != block:
+            return 0
+        d = self.ckpt_dir(phase, block)
         load_path, _ = engine.load_checkpoint(str(d), tag=self.state["tag"], load_module_strict=False,
                                               load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
@@ -311,28 +378,46 @@ class Worker:
             self.checkpoint.save_tensors(tensors, self.work / final_name(phase))
             self.state["phases"][phase] = stats
             self.state["done"].append(phase)
-            nxt = PHASES[PHASES.index(phase) + 1] if PHASES.index(phase) + 1 < len(PHASES) else "export"
-            self.state.update(phase=nxt, step=0, tag=None, global_step=self.global_step)
+            self.state.update(phase=self.next_phase(phase), step=0, tag=None, block=0, global_step=self.global_step)
             self.save_state()
             shutil.rmtree(self.work / phase, ignore_errors=True)
+            if phase == "transfer":
+                for j in range(len(self.blocks)):
+                    (self.work / block_name(j)).unlink(missing_ok=True)
         self.state = self.bcast(self.state if self.is_main else None)
         self.maybe_stop()
 
+    def finish_block(self, j: int, tensors: dict, stats: dict):
+        """Transfer block j done: its tensors to `transfer_b<j>.safetensors`, the next block starts at step 0.
+
+        The last block's position is not persisted: `finish_phase` (right after) records the phase
+        as done; a kill in between resumes that block from its last checkpoint."""
+        last = j + 1 == len(self.blocks)
+        if self.is_main:
+            self.checkpoint.save_tensors(tensors, self.work / block_name(j))
+            self.state["blocks"] = [b for b in self.state.get("blocks", []) if b["block"] != j] + [stats]
+            if not last:
+                self.state.update(step=0, tag=None, block=j + 1, global_step=self.global_step)
+                self.save_state()
+                shutil.rmtree(self.ckpt_dir("transfer", j), ignore_errors=True)
+        if not last:
+            self.state = self.bcast(self.state if self.is_main else None)
+            self.maybe_stop()
+
     def skip_phase(self, phase: str, reason: str):
         if self.bar is not None:
-            self.bar.total -= int(self.ft[phase]["steps"])
+            self.bar.total -= self.phase_steps[phase]
             self.bar.refresh()
         if self.is_main:
             print(f"[finetune] phase {phase} skipped: {reason}", file=sys.stderr)
             self.state["phases"][phase] = {"skipped": reason, "steps": 0}
             self.state["done"].append(phase)
-            nxt = PHASES[PHASES.index(phase) + 1] if PHASES.index(phase) + 1 < len(PHASES) else "export"
-            self.state.update(phase=nxt, step=0, tag=None)
+            self.state.update(phase=self.next_phase(phase), step=0, tag=None, block=0)
             self.save_state()
         self.state = self.bcast(self.state if self.is_main else None)
 
     # ---------------------------------------------------------------- the training loop
-    def loop(self, phase: str, engine, pcfg: dict, start: int, seed: int) -> None:
+    def loop(self, phase: str, engine, pcfg: dict, start: int, seed: int, block: Optional[int] = None) -> None:
         torch = self.torch
         steps, ga = int(pcfg["steps"]), int(pcfg.get("grad_accum", 1))
         tokens_per_step = int(pcfg["micro_batch"]) * ga * self.world * int(pcfg["seq_len"])
@@ -360,12 +445,14 @@ class Worker:
                    "tokens": tokens_per_step, "step_s": round(dt, 4), "tok_s": tokens_per_step / max(dt, 1e-9)}
             if phase == "transfer":
                 rec["mse"] = acc[1:]
+                if block is not None:
+                    rec["block"] = block
             self.append_log(rec)
             if self.bar is not None:
                 self.bar.set_postfix_str(f"{phase} loss={acc[0]:.4g} lr={lr:.2e}", refresh=False)
                 self.bar.update(1)
             if (i + 1) % every == 0 and i + 1 < steps:
-                self.save_ckpt(engine, phase, i + 1)
+                self.save_ckpt(engine, phase, i + 1, block)
 
     @staticmethod
     def _lr(engine) -> float:
@@ -373,31 +460,50 @@ class Worker:
 
         return current_lr(engine)
 
-    def _history(self, phase: str) -> tuple[Optional[dict], Optional[dict]]:
-        """First and last log records of a phase (from the log file, so resumed runs are whole)."""
+    def _records(self, phase: str, block: Optional[int] = None) -> list:
+        """Log records of a phase (of one transfer block), from the log file, so resumed runs are whole."""
         if not self.is_main or not (self.work / LOG).exists():
-            return None, None
+            return []
         recs = [json.loads(ln) for ln in (self.work / LOG).read_text().splitlines() if ln.strip()]
-        recs = [r for r in recs if r["phase"] == phase]
+        return [r for r in recs if r["phase"] == phase and (block is None or r.get("block", 0) == block)]
+
+    def _history(self, phase: str, block: Optional[int] = None) -> tuple[Optional[dict], Optional[dict]]:
+        """First and last log records of a phase (of one transfer block)."""
+        recs = self._records(phase, block)
         return (recs[0], recs[-1]) if recs else (None, None)
 
-    def _tok_s(self, phase: str) -> Optional[float]:
-        if not self.is_main or not (self.work / LOG).exists():
-            return None
-        recs = [json.loads(ln) for ln in (self.work / LOG).read_text().splitlines() if ln.strip()]
-        recs = [r for r in recs if r["phase"] == phase][1:]  # first step: warm-up
-        t = sum(r["step_s"] for r in recs)
-        return round(sum(r["tokens"] for r in recs) / t, 2) if t > 0 else None
+    def _tok_s(self, phase: str, block: Optional[int] = None) -> Optional[float]:
+        recs, seen, timed = self._records(phase, block), set(), []
+        for r in recs:  # the first step of each engine (block): warm-up
+            b = r.get("block", 0)
+            if b in seen:
+                timed.append(r)
+            seen.add(b)
+        t = sum(r["step_s"] for r in timed)
+        return round(sum(r["tokens"] for r in timed) / t, 2) if t > 0 else None
 
     # ---------------------------------------------------------------- phases
+    def _load_finished(self, model, files: list) -> None:
+        """Copy tensors saved by finished phases/blocks (safetensors files in .work) into the model."""
+        params = dict(model.named_parameters())
+        for f in files:
+            if not f.exists():
+                continue
+            fm = self.checkpoint.load_tensors(f)
+            missing = [k for k in fm if k not in params]
+            if missing:
+                raise RuntimeError(f"trained parameters from {f.name} not in the model: {missing[:3]}")
+            with self.torch.no_grad():
+                for k, t in fm.items():
+                    params[k].copy_(t.to(params[k].dtype))
+
     def phase_transfer(self, TransferObjective):
         from .. import attention
         from . import engine as E
 
         phase, pcfg = "transfer", self.ft["transfer"]
         model = self.fresh_model()
-        params = attention.attention_parameters(model)
-        if not params:
+        if not attention.attention_parameters(model):
             self.skip_phase(phase, f"the attention ({self.attention_name}) has no trainable parameters; nothing to transfer")
             self.model_cache = model
             return
@@ -405,64 +511,124 @@ class Worker:
             self.skip_phase(phase, "transfer.steps is 0")
             self.model_cache = model
             return
-        for p in params.values():
-            p.requires_grad_(True)
-        attention.set_transfer_mode(model, True)
-        self.patched = self._patch(model)
-        objective = TransferObjective(model)
-        engine, ds_cfg = E.build(objective, params.values(), self.ft, pcfg, self.world, int(pcfg["steps"]),
-                                 self.spec.get("ds_overrides"))
-        start = self.restore(engine, phase)
         probe = self.probe_batch(pcfg)
         pstate = self.state.setdefault("probe", {})
-        if start == 0 or phase not in pstate:
-            pstate[phase] = {"start": self.probe(engine, probe)}
-            self.save_state()
-        self.loop(phase, engine, pcfg, start, seed=int(self.ft["seed"]))
-        mse_end = self.probe(engine, probe)
-        tensors = E.gather_named({n: p for n, p in params.items()}, self.zero)
-        first, last = self._history(phase)
-        stats = {"steps": int(pcfg["steps"]), "trainable_params": int(sum(p.numel() for p in params.values())),
+        first_block = int(self.state.get("block", 0)) if self.state["phase"] == phase else 0
+        engine = objective = None
+        for j in range(first_block, len(self.blocks)):
+            if model is None:
+                model = self.fresh_model()
+            # blocks before j are trained (in memory already, or from their files after a restart)
+            self._load_finished(model, [self.work / block_name(i) for i in range(j)])
+            params = attention.attention_parameters(model)
+            layer_of = self.layer_of(model)
+            bparams = {n: p for n, p in params.items() if layer_of[n] in self.blocks[j]}
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for p in bparams.values():
+                p.requires_grad_(True)
+            attention.set_transfer_mode(model, True)
+            self.patched = self._patch(model)
+            self.zero3_module_calls(model)
+            block = None if len(self.blocks) == 1 else j  # one block: the all-layers-at-once layout
+            objective = TransferObjective(model, layers=self.blocks[j])
+            engine, ds_cfg = E.build(objective, bparams.values(), self.ft, pcfg, self.world, int(pcfg["steps"]),
+                                     self.spec.get("ds_overrides"))
+            start = self.restore(engine, phase, block)
+            key = phase if block is None else f"{phase}_b{j}"
+            if start == 0 or key not in pstate:
+                pstate[key] = {"start": self.probe(engine, probe)}
+                if j == 0:
+                    pstate[phase] = pstate[key]
+                self.save_state()
+            self.loop(phase, engine, pcfg, start, seed=int(self.ft["seed"]) + 1000 * j, block=block)
+            mse_end = self.probe(engine, probe)
+            tensors = E.gather_named(bparams, self.zero)
+            first, last = self._history(phase, block)
+            pick = [self.layer_index(model).index(i) for i in self.blocks[j]]
+            stats = {"block": j, "layers": list(self.blocks[j]), "steps": int(pcfg["steps"]),
+                     "trainable_params": int(sum(getattr(p, "ds_numel", p.numel()) for p in bparams.values())),
+                     "first_loss": first and first["loss"], "final_loss": last and last["loss"],
+                     "probe_mse_first": [pstate[key]["start"][i] for i in pick],
+                     "probe_mse_last": [mse_end[i] for i in pick],
+                     "tok_s": self._tok_s(phase, block), "ds_config": ds_cfg,
+                     "offload_active": self.offload_active(engine),
+                     "zero3_partitioned_params": self.zero3_partitioned(objective)}
+            self.finish_block(j, tensors, stats)
+            last_block = j + 1 == len(self.blocks)
+            if not last_block:
+                engine.destroy()
+                del engine, objective
+                engine = objective = None
+                # ZeRO-3 turned the model's parameters into partitioned ones: the next block loads afresh
+                self.model_cache = model if self.zero < 3 else None
+                model = None
+                gc.collect()
+        # the phase: every block's tensors and stats
+        tensors = {}
+        for j in range(len(self.blocks)):
+            if self.is_main:
+                tensors.update(self.checkpoint.load_tensors(self.work / block_name(j)))
+        blocks = sorted(self.state.get("blocks", []), key=lambda b: b["block"]) if self.is_main else []
+        first, last = self._history(phase)  # mse_end: the probe after the last block, every layer trained
+        stats = {"steps": int(pcfg["steps"]) * len(self.blocks), "steps_per_block": int(pcfg["steps"]),
+                 "block_size": pcfg.get("block_size"), "blocks": blocks,
+                 "trainable_params": sum(b["trainable_params"] for b in blocks),
                  "first_loss": first and first["loss"], "final_loss": last and last["loss"],
                  "train_mse_first": first and first["mse"], "train_mse_last": last and last["mse"],
                  "probe_mse_first": pstate[phase]["start"], "probe_mse_last": mse_end,
-                 "tok_s": self._tok_s(phase), "ds_config": ds_cfg,
+                 "tok_s": self._tok_s(phase), "ds_config": blocks[-1]["ds_config"] if blocks else None,
+                 "offload_active": self.offload_active(engine),
                  "zero3_partitioned_params": self.zero3_partitioned(objective)}
         self.finish_phase(phase, tensors, stats)
-        if not self.ft["lora"]["steps"]:
+        if self.phases[-1] == phase:
             attention.set_transfer_mode(model, False)
-            self.debug_logits(lambda x: objective.model(input_ids=x, use_cache=False).logits, engine, pcfg)
+            lm = objective.model
+            self.debug_logits(lambda x: lm(input_ids=x, use_cache=False).logits, engine, pcfg)
         engine.destroy()
         del engine, objective, model
         gc.collect()
 
-    def phase_lora(self, LMObjective):
+    @staticmethod
+    def layer_index(model) -> list:
+        """Layer indices of the swapped attention modules, in the order of the transfer MSE vectors."""
+        from .. import attention
+
+        return [m.layer_idx for m in attention.swapped_modules(model)]
+
+    def phase_lm(self, phase: str, LMObjective):
+        """A next-token phase: `lora` (peft adapters only) or `full` (every parameter)."""
         from .. import attention
         from . import engine as E
         from . import lora
 
-        phase, pcfg = "lora", self.ft["lora"]
+        pcfg = self.ft[phase]
         if int(pcfg["steps"]) == 0:
-            self.skip_phase(phase, "lora.steps is 0")
+            self.skip_phase(phase, f"{phase}.steps is 0")
             return
         model = self.fresh_model()
         attention.set_transfer_mode(model, False)
-        if "transfer" in self.state["done"] and (self.work / final_name("transfer")).exists():
-            fm = self.checkpoint.load_tensors(self.work / final_name("transfer"))
-            params = dict(model.named_parameters())
-            missing = [k for k in fm if k not in params]
-            if missing:
-                raise RuntimeError(f"transferred parameters not in the model: {missing[:3]}")
-            with self.torch.no_grad():
-                for k, t in fm.items():
-                    params[k].copy_(t.to(params[k].dtype))
+        if "transfer" in self.state["done"]:
+            self._load_finished(model, [self.work / final_name("transfer")])
         for p in model.parameters():
             p.requires_grad_(False)
-        self.patched = self._patch(model)
         self.torch.manual_seed(int(self.ft["seed"]))  # same adapter init on every rank
-        lcfg = lora.lora_config_dict(pcfg)
-        lora.wrap(model, lcfg)
-        params = lora.lora_parameters(model)
+        lcfg = None
+        if phase == "lora":
+            self.patched = self._patch(model)
+            lcfg = lora.lora_config_dict(pcfg)
+            lora.wrap(model, lcfg)
+            params = lora.lora_parameters(model)
+            export_dtype = {n: self.torch.float32 for n in params}
+        else:
+            if lora.has_quantized_weights(model):
+                raise ValueError("finetune.method full trains every weight, and this model's linear weights are "
+                                 "quantized (frozen tensors); use lora or lolcats on a quantized base")
+            params = dict(model.named_parameters())
+            for p in params.values():
+                p.requires_grad_(True)
+            export_dtype = {n: p.dtype for n, p in params.items()}  # a full copy: keep the loaded dtype
+        self.zero3_module_calls(model)
         objective = LMObjective(model)
         engine, ds_cfg = E.build(objective, params.values(), self.ft, pcfg, self.world, int(pcfg["steps"]),
                                  self.spec.get("ds_overrides"))
@@ -474,18 +640,28 @@ class Worker:
             self.save_state()
         self.loop(phase, engine, pcfg, start, seed=int(self.ft["seed"]) + 1)
         loss_end = self.probe(engine, probe)[0]
-        tensors = E.gather_named(params, self.zero)
+        tensors = {n: t.to(export_dtype[n]) for n, t in E.gather_named(params, self.zero).items()}
         first, last = self._history(phase)
-        stats = {"steps": int(pcfg["steps"]), "trainable_params": int(sum(p.numel() for p in params.values())),
+        stats = {"steps": int(pcfg["steps"]),
+                 "trainable_params": int(sum(getattr(p, "ds_numel", p.numel()) for p in params.values())),
                  "first_loss": first and first["loss"], "final_loss": last and last["loss"],
                  "probe_loss_first": pstate[phase]["start"], "probe_loss_last": loss_end,
                  "tok_s": self._tok_s(phase), "lora": lcfg, "ds_config": ds_cfg,
+                 "offload_active": self.offload_active(engine),
                  "zero3_partitioned_params": self.zero3_partitioned(objective)}
         self.finish_phase(phase, tensors, stats)
-        self.debug_logits(lambda x: objective.model(input_ids=x, use_cache=False).logits, engine, pcfg)
+        if self.phases[-1] == phase:
+            lm = objective.model
+            self.debug_logits(lambda x: lm(input_ids=x, use_cache=False).logits, engine, pcfg)
         engine.destroy()
         del engine, objective, model
         gc.collect()
+
+    @staticmethod
+    def offload_active(engine) -> bool:
+        """Whether the engine's ZeRO optimizer runs the offload path (CPU fp32 partitions + step)."""
+        opt = getattr(engine, "optimizer", None)
+        return bool(getattr(opt, "cpu_offload", False) or getattr(opt, "offload_optimizer", False))
 
     @staticmethod
     def zero3_partitioned(module) -> int:
@@ -496,6 +672,40 @@ class Worker:
         from . import lora
 
         return lora.make_frozen_linears_differentiable(model)
+
+    def zero3_module_calls(self, model) -> int:
+        """ZeRO-3 gathers a parameter in its owning module's hooks: before the module's forward, and
+        before its backward (hooks on the module's outputs). The linear attention applies its feature
+        map through `feature_map.forward_q/forward_k` (method calls, per kernel segment), not through
+        the submodule's `__call__`, so no hook ever fires for the feature-map weights: forward would
+        read partitioned (empty) tensors, and in transfer mode the loss does not even flow through the
+        attention module's output. Under ZeRO-3 those methods are routed through `__call__` (the same
+        computation), so every use gathers the weights and every backward through it re-gathers them.
+        Returns how many modules were routed."""
+        if self.zero != 3:
+            return 0
+        from .. import attention
+
+        n = 0
+        for mod in attention.swapped_modules(model):
+            for name, sub in mod.named_children():
+                if name in ("q_proj", "k_proj", "v_proj", "o_proj") or getattr(sub, "_frontier_z3", False):
+                    continue
+                if not (hasattr(sub, "forward_q") and hasattr(sub, "forward_k")) or not list(sub.parameters()):
+                    continue
+                fq, fk, plain = sub.forward_q, sub.forward_k, sub.forward
+
+                def forward(x, which=None, _fq=fq, _fk=fk, _plain=plain):
+                    if isinstance(which, str):
+                        return _fq(x) if which == "q" else _fk(x)
+                    return _plain(x, which)  # the module's own forward(q, k)
+
+                sub.forward = forward
+                sub.forward_q = lambda x, _m=sub: _m(x, "q")
+                sub.forward_k = lambda x, _m=sub: _m(x, "k")
+                sub._frontier_z3 = True
+                n += 1
+        return n
 
     def debug_logits(self, fn, engine, pcfg):
         """Debug/test mode: rank 0 saves the trained in-memory model's logits on a fixed batch."""
@@ -521,40 +731,49 @@ class Worker:
 
         st = self.state
         delta = {}
-        for phase in PHASES:
+        for phase in self.phases:
             p = self.work / final_name(phase)
             if p.exists():
                 delta.update(self.checkpoint.load_tensors(p))
         phases = st["phases"]
         lora_cfg = phases.get("lora", {}).get("lora")
         if not delta:
-            raise RuntimeError("finetune trained nothing (both phases skipped); use finetune=none instead")
+            raise RuntimeError(f"finetune trained nothing (phases {', '.join(self.phases)} skipped); "
+                               "use finetune=none instead")
 
         def write(tmp: Path) -> dict:
             lora.write_delta(tmp, delta, lora_cfg)
             shutil.copyfile(self.work / LOG, tmp / LOG)
-            ran = [p for p in PHASES if p in phases and not phases[p].get("skipped")]
+            ran = [p for p in self.phases if p in phases and not phases[p].get("skipped")]
             tr = phases.get("transfer", {})
-            lo = phases.get("lora", {})
+            lm = next((phases[p] for p in LM_PHASES if p in ran), None)
             return {"finetune": {
-                "method": self.ft["method"], "phases_run": ran,
-                "skipped": {p: phases[p]["skipped"] for p in PHASES if phases.get(p, {}).get("skipped")},
-                "steps": {p: phases.get(p, {}).get("steps", 0) for p in PHASES},
+                "method": self.ft["method"], "phases": list(self.phases), "phases_run": ran,
+                "skipped": {p: phases[p]["skipped"] for p in self.phases if phases.get(p, {}).get("skipped")},
+                "steps": {p: phases.get(p, {}).get("steps", 0) for p in self.phases},
                 "final_loss": {p: phases[p].get("final_loss") for p in ran},
                 "first_loss": {p: phases[p].get("first_loss") for p in ran},
                 "transfer_mse": None if "transfer" not in ran else {
                     "first": tr["probe_mse_first"], "last": tr["probe_mse_last"],
                     "train_first": tr["train_mse_first"], "train_last": tr["train_mse_last"]},
-                "lm_loss_probe": None if "lora" not in ran else {
-                    "first": lo["probe_loss_first"], "last": lo["probe_loss_last"]},
+                # per transfer block: its layers and their probe MSE before/after the block trained
+                "transfer_blocks": None if "transfer" not in ran else {
+                    "block_size": tr.get("block_size"), "steps_per_block": tr.get("steps_per_block"),
+                    "blocks": [{k: b.get(k) for k in ("block", "layers", "steps", "trainable_params", "probe_mse_first",
+                                                        "probe_mse_last", "first_loss", "final_loss", "tok_s")}
+                               for b in tr.get("blocks", [])]},
+                "lm_loss_probe": None if lm is None else {
+                    "first": lm["probe_loss_first"], "last": lm["probe_loss_last"]},
                 "tok_s": {p: phases[p].get("tok_s") for p in ran},
                 "trainable_params": {p: phases[p].get("trainable_params") for p in ran},
                 "delta_tensors": len(delta), "delta_bytes": sum(t.numel() * t.element_size() for t in delta.values()),
                 "world_size": self.world, "nodes": int(self.ft.get("nodes", 1)), "zero_stage": self.zero,
+                "offload_optimizer": bool(self.ft.get("offload_optimizer", False)),
                 "precision": self.ft["precision"], "device": self.device.type,
                 "backend": self.dist.get_backend(), "resumes": st.get("resumes", 0),
                 "grad_patched_linears": len(self.patched),
                 "zero3_partitioned_params": {p: phases[p].get("zero3_partitioned_params") for p in ran},
+                "offload_active": {p: phases[p].get("offload_active") for p in ran},
                 "ds_config": {p: phases[p].get("ds_config") for p in ran},
             }}
 
@@ -582,10 +801,13 @@ class Worker:
                 self.bar = tqdm(total=self.total_steps, initial=self.global_step, desc="finetune", file=sys.stderr,
                                 mininterval=1.0, dynamic_ncols=False, ncols=100)
             try:
-                if "transfer" not in self.state["done"]:
-                    self.phase_transfer(TransferObjective)
-                if "lora" not in self.state["done"]:
-                    self.phase_lora(LMObjective)
+                for phase in self.phases:
+                    if phase in self.state["done"]:
+                        continue
+                    if phase == "transfer":
+                        self.phase_transfer(TransferObjective)
+                    else:
+                        self.phase_lm(phase, LMObjective)
             finally:
                 if self.bar is not None:
                     self.bar.close()

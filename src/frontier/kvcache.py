@@ -1,0 +1,156 @@
+"""KV-cache quantization for softmax attention (`quant.kv_bits`): an int8 transformers cache layer.
+
+`Int8KVLayer` is a `transformers.cache_utils.CacheLayerMixin` (a `DynamicLayer` subclass)
+that stores keys and values as int8 with one float32 scale per (batch, head, token) —
+symmetric, absmax over head_dim — and dequantizes the whole cache to the model dtype on
+read (each `update` returns dequantized keys/values, as transformers' own quantized
+layers do). Bytes held per token and head: head_dim + 4, against 2·head_dim (fp16/bf16) or
+4·head_dim (fp32): about half, or a quarter.
+
+Use it through `make_cache`:
+
+    cache = kvcache.make_cache(model, kv_bits)      # None when kv_bits == 16
+    out = model(input_ids=ids, cache=cache, use_cache=True)
+    model.generate(ids, past_key_values=cache, ...)  # or cache=cache
+
+Layers that attention surgery replaced (sliding window, linear) swap their own state layer
+in on first use, as they do with a plain `DynamicCache`; only softmax layers keep int8 KV.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+KV_BITS = (16, 8)
+
+
+def quantize_int8(x: torch.Tensor):
+    """Symmetric int8 per (…, token) row over the last dim: (codes int8, scale float32 [..., 1])."""
+    scale = (x.detach().abs().amax(dim=-1, keepdim=True).to(torch.float32) / 127.0).clamp(min=1e-8)
+    q = torch.clamp(torch.round(x.to(torch.float32) / scale), -127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype) -> torch.Tensor:
+    return (q.to(torch.float32) * scale).to(dtype)
+
+
+class Int8KVLayer(DynamicLayer):
+    """A dynamic (growing) KV layer kept as int8 codes + per-token/per-head scales.
+
+    `keys` / `values` hold the int8 codes ([B, H_kv, T, D]); `key_scale` / `value_scale`
+    the float32 scales ([B, H_kv, T, 1]).
+    """
+
+    is_croppable = True
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.key_scale: Optional[torch.Tensor] = None
+        self.value_scale: Optional[torch.Tensor] = None
+        self.dtype = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.dtype = key_states.dtype
+        b, h, _, d = key_states.shape
+        self.keys = torch.empty(b, h, 0, d, dtype=torch.int8, device=self.device)
+        self.values = torch.empty(b, h, 0, value_states.shape[-1], dtype=torch.int8, device=self.device)
+        self.key_scale = torch.empty(b, h, 0, 1, dtype=torch.float32, device=self.device)
+        self.value_scale = torch.empty(b, h, 0, 1, dtype=torch.float32, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        kq, ks = quantize_int8(key_states)
+        vq, vs = quantize_int8(value_states)
+        self.keys = torch.cat([self.keys, kq], dim=-2)
+        self.values = torch.cat([self.values, vq], dim=-2)
+        self.key_scale = torch.cat([self.key_scale, ks], dim=-2)
+        self.value_scale = torch.cat([self.value_scale, vs], dim=-2)
+        dtype = key_states.dtype
+        return dequantize_int8(self.keys, self.key_scale, dtype), dequantize_int8(self.values, self.value_scale, dtype)
+
+    def get_seq_length(self) -> int:
+        if not self.is_initialized or self.keys is None:
+            return 0
+        return self.keys.shape[-2]
+
+    def state_bytes(self) -> int:
+        """Bytes held: int8 codes plus float32 scales."""
+        if not self.is_initialized:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.key_scale, self.value_scale))
+
+    def reset(self) -> None:
+        self.key_scale = self.value_scale = None
+        super().reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        n = abs(tokens_to_remove)
+        self.keys, self.values = self.keys[..., :-n, :], self.values[..., :-n, :]
+        self.key_scale, self.value_scale = self.key_scale[..., :-n, :], self.value_scale[..., :-n, :]
+
+    def _select(self, fn) -> None:
+        if self.get_seq_length() > 0:
+            self.keys, self.values = fn(self.keys), fn(self.values)
+            self.key_scale, self.value_scale = fn(self.key_scale), fn(self.value_scale)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select(lambda t: t[indices, ...])
+
+    def offload(self):
+        if self.is_initialized:
+            self._select(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self):
+        if self.is_initialized and self.keys.device != self.device:
+            self._select(lambda t: t.to(self.device, non_blocking=True))
+
+
+class Int8KVCache(DynamicCache):
+    """A `DynamicCache` whose full-attention layers are `Int8KVLayer`s (sliding-window layers of
+    the model config stay as transformers builds them)."""
+
+    def __init__(self, config=None, **kwargs):
+        super().__init__(config=config, **kwargs)
+        if config is None:
+            self.layer_class_to_replicate = Int8KVLayer
+        else:
+            self.layers = [Int8KVLayer() if type(layer) is DynamicLayer else layer for layer in self.layers]
+
+
+def make_cache(model, kv_bits: int):
+    """The cache for evaluating `model` at `kv_bits`: None (the model's default DynamicCache) for
+    16, an `Int8KVCache` for 8. Pass it as `cache=` to forward, or to `generate`."""
+    if kv_bits == 16:
+        return None
+    if kv_bits == 8:
+        return Int8KVCache(config=getattr(model, "config", None))
+    raise ValueError(f"kv_bits must be one of {KV_BITS}, got {kv_bits!r}")
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of a cache's KV state (Int8KVLayer: codes + scales; other layers: keys + values)."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        if hasattr(layer, "state_bytes"):
+            total += int(layer.state_bytes())
+            continue
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total

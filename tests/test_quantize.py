@@ -1,0 +1,391 @@
+"""Quantization methods against plain-PyTorch references, their storage and checkpoints,
+plan-time checks, the perplexity ordering on a trained micro model, and the int8 KV cache."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from frontier import checkpoint as ck
+from frontier import config as C
+from frontier import kvcache
+from frontier import quantize as Q
+from frontier.quantize import calibrated, reference as R, rtn, storage
+from frontier.quantize.tensors import Int8RowTensor, PackedIntxTensor, pack_bits, unpack_bits
+
+
+def _dense(t) -> torch.Tensor:
+    """[N, K] weight as the forward sees it (activation pre-scale folded in)."""
+    with torch.no_grad():
+        return F.linear(torch.eye(t.shape[1]), t).T
+
+
+@pytest.fixture(scope="module")
+def w():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 256, generator=g)
+    w[:, :4] *= 8  # a few large input channels, as in real weights
+    return w
+
+
+# ------------------------------------------------------------------ packing + references
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_bit_packing_roundtrip_uses_exactly_bits_per_code(bits):
+    q = torch.randint(0, 2 ** bits, (16, 64), dtype=torch.uint8)
+    p = pack_bits(q, bits)
+    assert p.numel() * p.element_size() == 16 * 64 * bits // 8
+    assert torch.equal(unpack_bits(p, bits, (16, 64)), q)
+
+
+@pytest.mark.parametrize("bits,group,sym,tensor,storage_kind", [
+    (8, None, True, "Int8RowTensor", "kernel"),
+    (4, 128, True, "Int4OpaqueTensor", "kernel"),
+    (3, 64, False, "PackedIntxTensor", "dequant"),
+    (5, 32, True, "PackedIntxTensor", "dequant"),
+    (2, 32, False, "PackedIntxTensor", "dequant"),
+    (6, None, False, "PackedIntxTensor", "dequant"),
+])
+def test_rtn_equals_reference(w, bits, group, sym, tensor, storage_kind):
+    t, kind = rtn.quantize_weight(w, rtn.WeightOnlyConfig(bits=bits, group_size=group, symmetric=sym))
+    assert (type(t).__name__, kind) == (tensor, storage_kind)
+    torch.testing.assert_close(_dense(t), R.rtn(w, bits, group, sym), atol=1e-5, rtol=1e-5)
+
+
+def test_rtn_int4_torchao_kernel_matches_reference_error(w):
+    """4-bit asymmetric g32 goes through torchao's CPU int4 (tinygemm float zero points)."""
+    t, kind = rtn.quantize_weight(w, rtn.WeightOnlyConfig(bits=4, group_size=32))
+    assert (type(t).__name__, kind) == ("Int4OpaqueTensor", "kernel")
+    e, e_ref = R.relative_error(w, _dense(t)), R.relative_error(w, R.rtn(w, 4, 32))
+    assert 0.9 < e / e_ref < 1.1, (e, e_ref)
+    x = torch.randn(3, 256)
+    torch.testing.assert_close(F.linear(x, t), x @ _dense(t).T, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("bits,group", [(4, 64), (4, 32), (3, 32)])
+def test_hqq_matches_reference_and_beats_rtn(w, bits, group):
+    t, _ = rtn.quantize_weight(w, rtn.WeightOnlyConfig(bits=bits, group_size=group, algorithm="hqq"))
+    e = R.relative_error(w, _dense(t))
+    e_ref = R.relative_error(w, R.hqq(w, bits, group))
+    assert abs(e / e_ref - 1) < 0.05, (e, e_ref)
+    assert e < R.relative_error(w, R.rtn(w, bits, group))
+
+
+def test_nf4_matches_codebook_reference(w):
+    bnb = pytest.importorskip("bitsandbytes")
+    lin = nn.Linear(256, 96, bias=False)
+    lin.weight.data = w.clone()
+    l4 = rtn.nf4_linear(lin, 64)
+    deq = bnb.functional.dequantize_4bit(l4.weight.data, l4.weight.quant_state).float()
+    ref = R.nf4(w, 64)
+    assert R.relative_error(ref, deq) < 0.03  # differences: double-quantized absmax only
+    assert abs(R.relative_error(w, deq) / R.relative_error(w, ref) - 1) < 0.03
+    x = torch.randn(2, 256)
+    torch.testing.assert_close(l4(x), x @ deq.T, atol=1e-3, rtol=1e-3)
+
+
+def test_w8a8_matches_reference(w):
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    lin = nn.Linear(256, 96, bias=False)
+    lin.weight.data = w.clone()
+    quantize_(lin, Int8DynamicActivationInt8WeightConfig())
+    x = torch.randn(8, 256)
+    with torch.no_grad():
+        y = lin(x)
+    e, e_ref = R.relative_error(x @ w.T, y), R.relative_error(x @ w.T, R.w8a8_linear(x, w))
+    assert e < 0.05 and e < 1.6 * e_ref, (e, e_ref)
+
+
+def _calibration_inputs(k=256, n=2048, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) * torch.linspace(0.1, 2.0, k)
+    return torch.randn(n, k, generator=g) @ mix  # correlated, unevenly scaled channels
+
+
+@pytest.mark.parametrize("bits,group", [(4, 128), (3, 64), (4, None), (3, None)])
+def test_gptq_beats_rtn_on_calibration_distribution_and_matches_reference(w, bits, group):
+    x = _calibration_inputs()
+    h = 2 * x.T @ x / x.shape[0]
+    codes = calibrated.gptq_codes(w, h, bits, group, False)
+    gq = codes.dequantize()
+    assert R.output_error(w, gq, x) < 0.9 * R.output_error(w, R.rtn(w, bits, group), x)
+    # same algorithm as the unblocked reference (lazy batch updates only reorder float ops)
+    assert R.relative_error(R.gptq(w, x, bits, group), gq) < 1e-4
+
+
+@pytest.mark.parametrize("bits,group", [(4, 128), (3, 64)])
+def test_awq_beats_rtn_with_salient_channels(w, bits, group):
+    """torchao AWQ over frontier's RTN: activation-aware scales protect high-|x| input channels."""
+    from torchao.prototype.awq import AWQConfig
+    from torchao.quantization import quantize_
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1024, 256, generator=g)
+    x[:, torch.randperm(256, generator=g)[:8]] *= 25.0
+    base = rtn.WeightOnlyConfig(bits=bits, group_size=group, kernel=False)
+    m = nn.Sequential(nn.Linear(256, 96, bias=False))
+    m[0].weight.data = w.clone()
+    quantize_(m, AWQConfig(base, step="prepare"))
+    m(x.unsqueeze(0))
+    with torch.no_grad():
+        quantize_(m, AWQConfig(base, step="convert"))
+    t = calibrated.repack(m[0].weight)
+    assert t.act_pre_scale is not None
+    if bits == 4:
+        assert type(t).__name__ == "Int4OpaqueTensor"  # moved to the int4 kernel, pre-scale kept
+    e_awq = R.output_error(w, _dense(t), x)
+    e_rtn = R.output_error(w, R.rtn(w, bits, group), x)
+    assert e_awq < 0.9 * e_rtn, (e_awq, e_rtn)
+
+
+# ------------------------------------------------------------------ plan time
+def _point(quant="none", **q):
+    cfg = C.compose((("quant", quant),))
+    cfg.pop("sweep")
+    cfg["quant"].update(q)
+    return cfg
+
+
+def test_every_option_validates_on_cpu_except_fp8():
+    for opt in C.group_options("quant"):
+        cfg = _point(opt)
+        if opt == "fp8":
+            with pytest.raises(C.ConfigError) as e:
+                C.validate_point(cfg, cuda_available=False)
+            assert e.value.key == "quant.method" and "'fp8'" in str(e.value) and "CUDA" in str(e.value)
+            C.validate_point(cfg, cuda_available=True)
+        elif opt == "nf4" and __import__("importlib").util.find_spec("bitsandbytes") is None:
+            continue
+        else:
+            C.validate_point(cfg, cuda_available=False)
+
+
+def test_int3_is_one_override_away():
+    C.validate_point(_point("int4_g32", bits=3, group_size=64), cuda_available=False)
+
+
+@pytest.mark.parametrize("quant,over,key,needle", [
+    ("int4_g32", {"group_size": 48}, "quant.group_size", "48 must divide"),
+    ("int4_g32", {"bits": 16}, "quant.bits", "got 16"),
+    ("hqq4_g64", {"symmetric": True}, "quant.symmetric", "no symmetric variant"),
+    ("hqq4_g64", {"group_size": None}, "quant.group_size", "needs a group size"),
+    ("w8a8", {"group_size": 64}, "quant.group_size", "one scale per output row"),
+    ("nf4", {"bits": 3}, "quant.bits", "4-bit"),
+    ("none", {"kv_bits": 4}, "quant.kv_bits", "allowed values: 16, 8"),
+])
+def test_bad_quant_configs_fail_at_plan_time(quant, over, key, needle):
+    with pytest.raises(C.ConfigError) as e:
+        C.validate_point(_point(quant, **over), cuda_available=False)
+    assert e.value.key == key and needle in str(e.value)
+
+
+def test_nf4_without_bitsandbytes_fails_at_plan_time(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "bitsandbytes" else real(n, *a))
+    with pytest.raises(C.ConfigError, match="nf4.*needs the bitsandbytes package"):
+        C.validate_point(_point("nf4"), cuda_available=False)
+
+
+# ------------------------------------------------------------------ the stage: checkpoints
+STAGE_OPTIONS = {  # name -> (option, overrides)
+    "int8": ("int8", {}),
+    "int4_g32": ("int4_g32", {}),
+    "int3_g32": ("int4_g32", {"bits": 3}),
+    "hqq4_g64": ("hqq4_g64", {}),
+    "gptq4_g32": ("gptq4_g128", {"group_size": 32, "calib_samples": 8, "calib_seq_len": 64}),
+    "awq4_g32": ("awq4_g128", {"group_size": 32, "calib_samples": 8, "calib_seq_len": 64, "awq_grid": 5}),
+    "nf4": ("nf4", {}),
+    "w8a8": ("w8a8", {}),
+}
+
+
+@pytest.fixture(scope="module")
+def stage_ckpts(micro_base, tmp_path_factory):
+    from conftest import micro_cfg
+
+    root = tmp_path_factory.mktemp("quant")
+    data_cfg = micro_cfg()["data"]
+    out = {}
+    for name, (opt, over) in STAGE_OPTIONS.items():
+        if name == "nf4" and __import__("importlib").util.find_spec("bitsandbytes") is None:
+            continue
+        q = {**C.compose((("quant", opt),))["quant"], **over, "name": name}
+        d = root / name / "_ckpt"
+        Q.run({"quant": q, "data": data_cfg}, micro_base, d)
+        out[name] = d
+    return out
+
+
+def test_manifest_states_method_storage_and_effective_bits(stage_ckpts):
+    expect = {  # effective bits of the fp32 micro model: bits + scale (+ zero) per group
+        "int8": (8.5, "kernel"), "int4_g32": (6.0, "kernel"), "int3_g32": (5.0, "dequant"),
+        "hqq4_g64": (5.0, "kernel"), "gptq4_g32": (6.0, "kernel"), "w8a8": (8.5, "kernel"),
+    }
+    for name, d in stage_ckpts.items():
+        m = ck.read_manifest(d)
+        qm = m["quant"]
+        for key in ("method", "bits", "group_size", "symmetric", "format", "storage", "kernel", "kv_bits",
+                    "effective_bits_per_weight", "linear_bytes", "library"):
+            assert key in qm, (name, key)
+        assert qm["format"].startswith("safetensors"), (name, qm["format"])
+        assert "quantized.safetensors" in m["files"] and "quantized.pt" not in m["files"]
+        if name in expect:
+            bits, kind = expect[name]
+            assert abs(qm["effective_bits_per_weight"] - bits) < 0.6, (name, qm["effective_bits_per_weight"])
+            assert qm["storage"] == kind, (name, qm["storage"])
+    gq = ck.read_manifest(stage_ckpts["gptq4_g32"])["quant"]
+    assert gq["calibration"]["tokens"] == 8 * 64 and gq["calibration"]["split"] == "train"
+    assert ck.read_manifest(stage_ckpts["awq4_g32"])["quant"]["effective_bits_per_weight"] > 6.0  # + pre-scale
+
+
+def test_calibrated_method_without_data_is_refused(micro_base, tmp_path):
+    q = C.compose((("quant", "gptq4_g128"),))["quant"]
+    with pytest.raises(ValueError, match="needs cfg\\['data'\\]"):
+        Q.run({"quant": q}, micro_base, tmp_path / "_ckpt")
+
+
+def test_checkpoints_reload_bit_identically_in_a_fresh_process(stage_ckpts, tmp_path):
+    ids = torch.arange(3, 67).unsqueeze(0)
+    ref = {}
+    for name, d in stage_ckpts.items():
+        lp = ck.load_point(d)
+        with torch.no_grad():
+            ref[name] = lp.model(ids).logits
+    code = ("import sys, json, torch; from frontier import checkpoint as ck\n"
+            "dirs = json.loads(sys.argv[1]); ids = torch.arange(3, 67).unsqueeze(0); out = {}\n"
+            "for k, d in dirs.items():\n"
+            "    lp = ck.load_point(d)\n"
+            "    with torch.no_grad(): out[k] = lp.model(ids).logits\n"
+            "torch.save(out, sys.argv[2])\n")
+    path = tmp_path / "fresh.pt"
+    subprocess.run([sys.executable, "-c", code, json.dumps({k: str(v) for k, v in stage_ckpts.items()}), str(path)],
+                   check=True)
+    fresh = torch.load(path, weights_only=True)
+    for name in stage_ckpts:
+        assert torch.equal(fresh[name], ref[name]), name
+
+
+def test_storage_uses_safetensors_for_allow_listed_types_else_weights_only_torch_save(tmp_path, monkeypatch):
+    weights = {"a.weight": PackedIntxTensor.from_codes(rtn.rtn_codes(torch.randn(16, 64), 3, 32, False),
+                                                       torch.float32),
+               "b.weight": Int8RowTensor.from_codes(rtn.rtn_codes(torch.randn(16, 64), 8, None, True), torch.float32),
+               "c.weight": torch.randn(4, 4)}
+
+    def check(d):
+        back = storage.load(d)
+        for k, v in weights.items():
+            assert type(back[k]) is type(v)
+            assert torch.equal(back[k], v) if k == "c.weight" else torch.equal(_dense(back[k]), _dense(v))
+
+    saved = storage.save(weights, tmp_path)
+    assert saved["files"] == [storage.SAFE]
+    check(tmp_path)
+    # a type on no allow-list goes to torch.save and comes back through weights_only loading
+    only_int8 = {"Int8RowTensor": Int8RowTensor}
+    monkeypatch.setattr(storage, "_frontier_types", lambda: only_int8)
+    d = tmp_path / "mixed"
+    d.mkdir()
+    saved = storage.save(weights, d)
+    assert saved["files"] == [storage.SAFE, storage.PT] and saved["torch_save_types"] == ["PackedIntxTensor"]
+    check(d)
+
+
+# ------------------------------------------------------------------ perplexity ordering
+@pytest.fixture(scope="module")
+def trained_micro(tmp_path_factory):
+    """The micro Llama trained for 300 steps (the session's micro_base has only 20)."""
+    from conftest import micro_cfg
+
+    from frontier import base
+
+    d = tmp_path_factory.mktemp("micro300") / "base" / "_ckpt"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is as fast and immune to a busy second core
+    try:
+        base.run(micro_cfg(300), d)
+    finally:
+        torch.set_num_threads(threads)
+    return d
+
+
+def test_perplexity_ordering_on_trained_micro_model(trained_micro):
+    from conftest import micro_cfg
+
+    from frontier import data
+
+    data_cfg = micro_cfg()["data"]
+    lp = ck.load_point(trained_micro)
+    _, held = data.token_splits(lp.tokenizer, data_cfg)
+    x = held[: 128 * 32].view(-1, 128)
+    calib = calibrated.calibration_ids(lp.tokenizer, data_cfg, 32, 128)
+    with torch.no_grad():
+        out = lp.model(input_ids=x, labels=x)
+    ref_logp = F.log_softmax(out.logits.float(), -1)
+    ppl = {"none": math.exp(out.loss.item())}
+    kl = {"none": 0.0}
+
+    def score(name, q):
+        m = copy.deepcopy(lp.model)
+        Q.quantize_model(m, q, "cpu", calib_ids=calib)
+        with torch.no_grad():
+            o = m(input_ids=x, labels=x)
+        ppl[name] = math.exp(o.loss.item())
+        kl[name] = float((ref_logp.exp() * (ref_logp - F.log_softmax(o.logits.float(), -1))).sum(-1).mean())
+
+    score("int8", {"method": "rtn", "bits": 8, "group_size": None, "symmetric": True})
+    for bits in (4, 3):
+        for method in ("rtn", "gptq", "awq"):
+            score(f"{method}{bits}", {"method": method, "bits": bits, "group_size": 32, "awq_grid": 8})
+    print({k: round(v, 3) for k, v in ppl.items()}, {k: round(v, 5) for k, v in kl.items()})
+    # int8 ≈ none
+    assert abs(ppl["int8"] / ppl["none"] - 1) < 0.003 and kl["int8"] < 1e-4
+    # fewer bits, more distortion; 3-bit RTN is visibly worse in perplexity
+    assert kl["int8"] * 10 < kl["rtn4"] < kl["rtn3"]
+    assert ppl["rtn3"] > ppl["none"] * 1.005
+    # GPTQ: far less distortion (KL to the fp model) than RTN at the same bits; perplexity no
+    # worse at 3 bits, where RTN's damage is above this tiny model's perplexity noise (~1-2%
+    # either way at 4 bits, where quantization noise can even lower its perplexity)
+    for bits in (4, 3):
+        assert kl[f"gptq{bits}"] < 0.5 * kl[f"rtn{bits}"]
+    assert ppl["gptq3"] <= ppl["rtn3"] * 1.002
+    assert ppl["gptq4"] <= max(ppl["rtn4"], ppl["none"]) * 1.02
+    # AWQ (torchao's per-linear variant): no worse than RTN beyond a small tolerance on this
+    # tiny model, whose activations have none of the salient channels AWQ is built for
+    for bits in (4, 3):
+        assert ppl[f"awq{bits}"] <= max(ppl[f"rtn{bits}"], ppl["none"]) * 1.02
+
+
+# ------------------------------------------------------------------ int8 KV cache
+@pytest.mark.parametrize("dtype,ratio", [(torch.float32, 0.25), (torch.float16, 0.5)])
+def test_int8_kv_cache_decodes_close_to_fp_cache_in_a_fraction_of_the_bytes(dtype, ratio):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                   max_position_embeddings=512)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
+    ids = torch.randint(0, 256, (2, 64))
+    assert kvcache.make_cache(model, 16) is None
+    cache = kvcache.make_cache(model, 8)
+    assert all(isinstance(layer, kvcache.Int8KVLayer) for layer in cache.layers)
+    with torch.no_grad():
+        fp = model(input_ids=ids[:, :48], use_cache=True)
+        fp_cache = getattr(fp, "cache", None) or fp.past_key_values
+        model(input_ids=ids[:, :48], cache=cache, use_cache=True)
+        for t in range(48, 64):
+            a = model(input_ids=ids[:, t:t + 1], cache=fp_cache, use_cache=True).logits.float()
+            b = model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True).logits.float()
+            assert (a - b).abs().max() < 0.02 * a.abs().max() + 1e-3
+    assert cache.get_seq_length() == 64
+    got = kvcache.cache_bytes(cache) / kvcache.cache_bytes(fp_cache)
+    assert ratio < got < ratio * 1.15, got  # codes + one fp32 scale per token and head
