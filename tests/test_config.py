@@ -9,8 +9,12 @@ ALL_OPTIONS = [(g, o) for g in C.GROUPS for o in C.group_options(g)]
 
 
 @pytest.mark.parametrize("group,option", ALL_OPTIONS, ids=[f"{g}={o}" for g, o in ALL_OPTIONS])
+# options that only make sense beside another choice
+NEEDS = {("finetune", "transfer"): (("attention", "linear_elu"),)}
+
+
 def test_every_option_composes_and_validates(group, option):
-    cfg = C.compose(((group, option),))
+    cfg = C.compose(((group, option), *NEEDS.get((group, option), ())))
     cfg.pop("sweep")
     C.validate_point(cfg, cuda_available=False)
     assert cfg[group]["name"] == option

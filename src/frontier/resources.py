@@ -115,7 +115,9 @@ def _gpus(stage: str, point_cfg: dict, sc: dict) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------ work model
 # Modelled seconds and bytes of one job of each stage. `hw` is the device the work runs on.
 def _lora_params(point_cfg: dict) -> int:
-    m, lora = point_cfg["model"], point_cfg["finetune"]["lora"]
+    m, lora = point_cfg["model"], point_cfg["finetune"].get("lora")
+    if not isinstance(lora, dict):
+        return 0
     shapes = dict(zip(("q_proj", "k_proj", "v_proj", "o_proj"), costmodel.linear_shapes(m)[:4]))
     per_layer = sum(int(lora.get("r", 8)) * (i + o) for t, (i, o) in shapes.items() if t in lora.get("targets", []))
     return int(m["layers"]) * per_layer
@@ -151,7 +153,16 @@ def _logits_bytes(model_cfg: dict, batch: int, L: int) -> float:
 
 def _finetune_phases(point_cfg: dict) -> list[dict]:
     ft = point_cfg["finetune"]
-    return [ft[p] for p in ("transfer", "lora") if isinstance(ft.get(p), dict)]
+    out = []
+    for p in ("transfer", "lora", "full"):
+        ph = ft.get(p)
+        if not isinstance(ph, dict):
+            continue
+        if p == "transfer" and ph.get("block_size"):   # block-wise: `steps` per block of layers
+            blocks = -(-int(point_cfg["model"]["layers"]) // int(ph["block_size"]))
+            ph = {**ph, "steps": int(ph["steps"]) * blocks}
+        out.append(ph)
+    return out
 
 
 def _job_work(stage: str, point_cfg: dict, hw: dict) -> dict:
@@ -200,7 +211,10 @@ def _job_work(stage: str, point_cfg: dict, hw: dict) -> dict:
                 secs += costmodel.train_seconds(m, q, a, hw, sl, tokens_per_rank, batch=mb,
                                                 utilization=TRAIN_UTILIZATION)
             act = max(act, _train_activation_bytes(m, mb, sl) + _logits_bytes(m, mb, sl))
-        trainable = attention_params(m, a or {}) + _lora_params(point_cfg)
+        if ft.get("method") == "full":
+            trainable = costmodel.param_count(m) + attention_params(m, a or {})
+        else:
+            trainable = attention_params(m, a or {}) + _lora_params(point_cfg)
         # fp32 param + grad (4+4) per trainable parameter; Adam's two fp32 states sharded by ZeRO >= 1
         opt = trainable * 8.0 / (world if int(ft.get("zero_stage", 0)) >= 1 else 1)
         mem = costmodel.weight_bytes(m, q)["total"] + trainable * 8.0 + opt + act

@@ -1,5 +1,5 @@
 rule finetune:
-    """LoLCATs-style recovery (attention transfer, then LoRA) on a DeepSpeed engine.
+    """Recovery fine-tuning on a DeepSpeed engine: attention transfer, LoRA, both (lolcats) or full.
 
     One rule = one launcher call (torchrun with `nproc` processes per node)."""
     input:
