@@ -50,7 +50,7 @@ def micro_chain(micro_base, tmp_path_factory):
             q = config.compose((("quant", quant),))["quant"]
             out = root / quant / "_ckpt"
             if not out.exists():
-                quantize.run({"quant": q}, parent, out)
+                quantize.run({"quant": q, "data": micro_cfg()["data"]}, parent, out)
             parent = out
         if attention != "softmax":
             a = {**config.compose((("attention", attention),))["attention"], **attn_overrides}

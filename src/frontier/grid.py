@@ -307,7 +307,9 @@ def stage_config(point: Point, stage: str) -> dict:
     cfg = point.cfg
     if stage == "model":
         return {"model": cfg["model"], "data": cfg["data"]}
-    if stage == "quant":
+    if stage == "quant":  # calibrated methods draw their samples from the sweep's data
+        if cfg["quant"]["method"] in ("gptq", "awq"):
+            return {"quant": cfg["quant"], "data": cfg["data"]}
         return {"quant": cfg["quant"]}
     if stage == "attention":
         return {"attention": cfg["attention"]}

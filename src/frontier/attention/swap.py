@@ -162,7 +162,7 @@ def cache_state_bytes(cache) -> int:
         )
     total = 0
     for layer in getattr(cache, "layers", []):
-        if isinstance(layer, LinearStateLayer):
+        if isinstance(layer, LinearStateLayer) or hasattr(layer, "state_bytes"):  # incl. int8 KV (codes + scales)
             total += layer.state_bytes()
             continue
         if isinstance(layer, LinearAttentionCacheLayerMixin):

@@ -109,6 +109,7 @@ def _evaluate(rec: dict, ckpt_dir: Path, cfg: dict, progress: bool) -> None:
     rec["quality"].update(evaluate_perplexity(model, tok, ev, cfg["data"], progress=progress))
     log.info("perplexity %.3f (%.1fs)", rec["quality"]["ppl"], time.time() - t)
     t = time.time()
+    model.frontier_kv_bits = int(cfg["quant"].get("kv_bits", 16))  # read by recall's generate()
     rec["quality"].update(evaluate_recall(model, tok, ev["recall"], progress=progress, warnings=rec["warnings"]))
     log.info("recall done (%.1fs)", time.time() - t)
     hcfg = ev.get("harness") or {}
@@ -126,7 +127,7 @@ def _evaluate(rec: dict, ckpt_dir: Path, cfg: dict, progress: bool) -> None:
         log.info("harness done (%.1fs)", time.time() - t)
     t = time.time()
     rec["costs"] = measure_costs(model, ev["cost"], seed=int(ev["recall"].get("seed", 0)), progress=progress,
-                                 weight_bytes=rec["weight_bytes"])
+                                 weight_bytes=rec["weight_bytes"], kv_bits=int(cfg["quant"].get("kv_bits", 16)))
     log.info("cost ladder done (%.1fs)", time.time() - t)
 
 

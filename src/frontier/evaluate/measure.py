@@ -163,7 +163,7 @@ def _sync(device) -> None:
 
 # ------------------------------------------------------------------ the ladder
 def measure_costs(model, cost_cfg: dict, *, seed: int = 0, progress: bool = True,
-                  weight_bytes: Optional[int] = None) -> list[dict]:
+                  weight_bytes: Optional[int] = None, kv_bits: int = 16) -> list[dict]:
     """[{"context_len", "metric", "value"}] for every L in cost_cfg["context_lens"] and every
     metric in METRICS (see the module docstring for what each one measures)."""
     import torch
@@ -189,8 +189,10 @@ def measure_costs(model, cost_cfg: dict, *, seed: int = 0, progress: bool = True
         except ImportError:
             bar = None
 
-    def prefill(ids):
-        return model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    from frontier import kvcache
+
+    def prefill(ids):  # kv_bits=8: an int8 KV cache (softmax layers; swapped layers keep their own state)
+        return model(input_ids=ids, cache=kvcache.make_cache(model, kv_bits), use_cache=True, logits_to_keep=1)
 
     def decode(out) -> None:
         cache = _cache_of(out)

@@ -233,8 +233,14 @@ def generate_continuations(model, tokenizer, prompts: list[str], answers: list[s
         enc = tokenizer(ps, return_tensors="pt", padding=True)
         enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
         with torch.inference_mode():
+            from frontier import kvcache
+
+            extra = {}
+            kv_cache = kvcache.make_cache(model, int(getattr(model, "frontier_kv_bits", 16)))
+            if kv_cache is not None:  # quant.kv_bits=8: generate on an int8 KV cache
+                extra["cache"] = kv_cache
             gen = model.generate(**enc, max_new_tokens=n_new, do_sample=False,
-                                 num_beams=1, use_cache=True, pad_token_id=pad_id)
+                                 num_beams=1, use_cache=True, pad_token_id=pad_id, **extra)
         start = enc["input_ids"].shape[1]
         outs.extend(tokenizer.decode(row[start:], skip_special_tokens=True) for row in gen)
     return outs
