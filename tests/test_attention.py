@@ -369,6 +369,14 @@ def test_cache_state_bytes_scaling():
         return cache_state_bytes(cache)
 
     assert cache_state_bytes(None) == 0
+
+    class OwnSize:  # e.g. frontier.kvcache.Int8KVLayer: layers that know their size report it
+        def state_bytes(self):
+            return 123
+
+    custom = DynamicCache()
+    custom.layers.append(OwnSize())
+    assert cache_state_bytes(custom) == 123
     soft = [nbytes("softmax", L) for L in (10, 20, 40)]
     assert soft[0] < soft[1] < soft[2] and soft[2] == 4 * soft[0]
     sw = [nbytes("sliding_window", L) for L in (WINDOW + 2, 20, 40)]

@@ -34,6 +34,7 @@ __all__ = [
     "FEATURE_MAPS",
     "HAS_FLA",
     "apply_feature_map",
+    "apply_feature_map_",
     "linear_attention_chunked",
     "linear_attention_prefill",
     "linear_attention_recurrent",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.cache_utils import CacheLayerMixin, LinearAttentionCacheLayerMixin
+from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
 from . import kernels as K
 from .modules import FrontierAttention, LinearAttention, LinearStateLayer, SlidingWindowAttention
@@ -153,7 +153,12 @@ def _nbytes(t) -> int:
 
 
 def cache_state_bytes(cache) -> int:
-    """Bytes held by a transformers Cache: keys/values of KV layers plus linear-attention states."""
+    """Bytes held by a transformers Cache: keys/values of KV layers plus linear-attention states.
+
+    A layer with a ``state_bytes()`` method (``LinearStateLayer``, ``frontier.kvcache.Int8KVLayer``)
+    reports its own size; transformers' linear-attention layers count their conv/recurrent states;
+    quantized KV layers their quantized tensors; every other layer its ``keys``/``values``.
+    """
     if cache is None:
         return 0
     if hasattr(cache, "self_attention_cache"):  # EncoderDecoderCache
@@ -162,12 +167,12 @@ def cache_state_bytes(cache) -> int:
         )
     total = 0
     for layer in getattr(cache, "layers", []):
-        if isinstance(layer, LinearStateLayer) or hasattr(layer, "state_bytes"):  # incl. int8 KV (codes + scales)
-            total += layer.state_bytes()
+        if callable(getattr(layer, "state_bytes", None)):
+            total += int(layer.state_bytes())
             continue
         if isinstance(layer, LinearAttentionCacheLayerMixin):
             for d in (layer.conv_states, layer.recurrent_states):
                 total += sum(_nbytes(t) for t in d.values())
-        if isinstance(layer, CacheLayerMixin) or hasattr(layer, "keys"):
-            total += _nbytes(getattr(layer, "keys", None)) + _nbytes(getattr(layer, "values", None))
+        total += _nbytes(getattr(layer, "keys", None)) + _nbytes(getattr(layer, "values", None))
+        total += _nbytes(getattr(layer, "_quantized_keys", None)) + _nbytes(getattr(layer, "_quantized_values", None))
     return total
