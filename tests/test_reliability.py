@@ -72,3 +72,35 @@ def test_killed_sweep_reruns_to_the_same_results(ci_sweep, tmp_path):
         for col in DETERMINISTIC:
             assert killed[pid][col] == row[col], (pid, col)
         assert killed[pid]["ppl"] == pytest.approx(row["ppl"], rel=1e-5), pid
+
+
+def test_failed_stage_is_recorded_and_propagates(micro_base, tmp_path):
+    """A stage that raises (here: surgery with an unsupported option) writes a failed manifest;
+    children refuse to load it and evaluation records the point as failed with the reason."""
+    from frontier import config, evaluate, runtime, surgery
+
+    out = tmp_path / "bad" / "_ckpt"
+    bad = {"attention": {"name": "nope", "kind": "mystery"}}
+    with runtime.failure_recorded("surgery", out, bad, micro_base):
+        surgery.run(bad, micro_base, out)
+    m = checkpoint.read_manifest(out)
+    assert m["status"] == "failed" and ("mystery" in m["reason"] or "kind" in m["reason"])
+    with pytest.raises(checkpoint.StageFailed, match="surgery stage failed"):
+        checkpoint.load_point(out)
+    cfg = config.compose((("model", "micro"), ("eval", "quick")))
+    cfg.pop("sweep")
+    metrics = tmp_path / "m.json"
+    evaluate.run(out, cfg, point_id="micro/none/nope/none/quick", sweep="t", choices={}, overrides={},
+                 out_path=metrics, progress=False)
+    rec = json.loads(metrics.read_text())
+    assert rec["status"] == "failed" and "surgery stage failed" in rec["reason"]
+
+
+def test_interrupts_are_not_recorded_as_failures(tmp_path):
+    from frontier import runtime
+
+    out = tmp_path / "k" / "_ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        with runtime.failure_recorded("base", out, {}, None):
+            raise KeyboardInterrupt
+    assert not out.exists()

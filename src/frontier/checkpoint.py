@@ -130,6 +130,21 @@ def save_stage(final_dir: Path, *, stage: str, config: dict, parent: Optional[Pa
                               wall_s=time.time() - started, extra=extra)
 
 
+class StageFailed(RuntimeError):
+    """A stage of the chain recorded `status: failed`; its children fail with the same reason."""
+
+
+def save_failed(final_dir: Path, *, stage: str, config: dict, parent: Optional[Path], reason: str,
+                started: float) -> dict:
+    """Record a failed stage (NaN loss, out of memory, unsupported combination) as a manifest
+    with `status: failed` and the reason, so the point is collected as failed, not lost.
+    Delete the folder (or `snakemake --forcerun`) to try again."""
+    def write(tmp: Path) -> dict:
+        return {"status": "failed", "reason": reason}
+
+    return save_stage(final_dir, stage=stage, config=config, parent=parent, write=write, started=started)
+
+
 def read_manifest(directory: Path, verify: bool = True) -> dict:
     directory = Path(directory)
     path = directory / MANIFEST
@@ -176,6 +191,9 @@ class LoadedPoint:
 def load_point(directory: Path, *, verify: bool = True, device: str = "cpu") -> LoadedPoint:
     """Rebuild the model of a checkpoint chain: load the base, apply each delta in order."""
     links = chain(directory, verify=verify)
+    for d, m in links:
+        if m.get("status") == "failed":
+            raise StageFailed(f"{m['stage']} stage failed: {m.get('reason') or 'no reason recorded'}")
     base_dir, base_manifest = links[0]
     if base_manifest["stage"] != "base":
         raise IntegrityError(f"{base_dir}: chain does not start at a base checkpoint")

@@ -69,3 +69,21 @@ def stage_logging(log_path: Optional[str], stage: str, target: str,
         for h in handlers:
             root.removeHandler(h)
             h.close()
+
+
+@contextlib.contextmanager
+def failure_recorded(stage: str, ckpt_dir, config: dict, parent=None) -> Iterator[None]:
+    """Run a stage; if it raises, write a `status: failed` manifest with the reason instead of
+    breaking the sweep (the evaluate stage then records the point as failed). Kills and
+    interrupts are not caught: they leave nothing, and the job simply runs again."""
+    started = time.time()
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - recorded, not lost
+        from . import checkpoint
+
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:500]
+        logging.getLogger(f"frontier.{stage}").exception("%s failed; recorded as a failed point", stage)
+        checkpoint.save_failed(Path(ckpt_dir), stage=stage, config=config, parent=parent, reason=reason,
+                               started=started)
+        print(f"[{stage}] FAILED (recorded in {ckpt_dir}/manifest.json): {reason}", file=sys.stderr)

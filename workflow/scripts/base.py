@@ -9,5 +9,6 @@ from frontier import runtime  # noqa: E402
 with runtime.stage_logging(sm.log[0], "base", sm.output[0], threads=sm.threads):
     from frontier import base
 
-    base.run(sm.params.cfg, Path(sm.output[0]).parent, tracking_cfg=sm.config["_tracking"],
-             sweep=sm.params.sweep, work_dir=sm.config["_work_dir"])
+    with runtime.failure_recorded("base", Path(sm.output[0]).parent, sm.params.cfg, None):
+        base.run(sm.params.cfg, Path(sm.output[0]).parent, tracking_cfg=sm.config["_tracking"],
+                 sweep=sm.params.sweep, work_dir=sm.config["_work_dir"])

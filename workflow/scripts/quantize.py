@@ -9,6 +9,7 @@ from frontier import runtime  # noqa: E402
 with runtime.stage_logging(sm.log[0], "quantize", sm.output[0], threads=sm.threads):
     from frontier import quantize
 
-    quantize.run(sm.params.cfg, Path(sm.input[0]).parent, Path(sm.output[0]).parent,
-                 tracking_cfg=sm.config["_tracking"], sweep=sm.params.sweep,
-                 name=str(Path(sm.output[0]).parent.parent), work_dir=sm.config["_work_dir"])
+    with runtime.failure_recorded("quantize", Path(sm.output[0]).parent, sm.params.cfg, Path(sm.input[0]).parent):
+        quantize.run(sm.params.cfg, Path(sm.input[0]).parent, Path(sm.output[0]).parent,
+                     tracking_cfg=sm.config["_tracking"], sweep=sm.params.sweep,
+                     name=str(Path(sm.output[0]).parent.parent), work_dir=sm.config["_work_dir"])
