@@ -20,7 +20,9 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from frontier.attention import (
     KINDS,
+    OPTION_DEFAULTS,
     OPTIONS,
+    FrontierAttention,
     AlreadySwappedError,
     LinearStateLayer,
     SlidingWindowStateLayer,
@@ -39,18 +41,21 @@ from frontier.attention import (
 )
 
 WINDOW = 8
-OPTION_CFGS = {
-    "softmax": {"name": "softmax", "kind": "softmax"},
-    "sliding_window": {"name": "sliding_window", "kind": "sliding_window", "window": WINDOW},
-    "linear_elu": {
-        "name": "linear_elu",
-        "kind": "linear",
-        "feature_map": "elu",
-        "learned_map": True,
-        "chunk_size": 8,
-        "eps": 1e-6,
-    },
-}
+# Every option of conf/attention/, at the tiny test dimensions (2 layers, head_dim 16).
+_SMALL = {"window": WINDOW, "chunk_size": 8, "block_size": 4, "k": 6, "sinks": 2}
+
+
+def _small(name: str) -> dict:
+    cfg = OPTION_DEFAULTS[name]
+    cfg.update({k: v for k, v in _SMALL.items() if k in cfg})
+    if cfg.get("keep_softmax") == "auto":  # the auto choice needs calibration text: tested in test_hybrid
+        cfg["keep_softmax"] = [1]
+    return cfg
+
+
+OPTION_CFGS = {name: _small(name) for name in OPTIONS}
+SWAPPED = [o for o in OPTIONS if o != "softmax"]
+BOUNDED = ["sliding_window", "sink_window", "block_sparse", "lolcats"]  # decode state bounded by a window
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
@@ -294,12 +299,14 @@ def test_cached_generate_equals_uncached(option):
         steps.append(model(g_cached[:, t : t + 1], cache=cache, use_cache=True).logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=0)
     assert cache.get_seq_length() == 28
-    expected = {"softmax": None, "sliding_window": SlidingWindowStateLayer, "linear_elu": LinearStateLayer}[option]
+    kind = OPTION_CFGS[option]["kind"]
+    expected = {"sliding_window": SlidingWindowStateLayer, "linear": LinearStateLayer}.get(kind)
+    keep = set(OPTION_CFGS[option].get("keep_softmax") or ())
     if expected is not None:
-        assert all(type(layer) is expected for layer in cache.layers)
+        assert all(type(layer) is expected for i, layer in enumerate(cache.layers) if i not in keep)
 
 
-@pytest.mark.parametrize("option", ["sliding_window", "linear_elu"])
+@pytest.mark.parametrize("option", SWAPPED)
 @torch.no_grad()
 def test_chunked_prefill_with_cache(option):
     """Prefill in two chunks (second chunk > 1 token, cache non-empty) equals one forward."""
@@ -332,7 +339,7 @@ def test_left_padded_batch_equals_single_rows(option, impl):
     assert torch.equal(g[1, 20:], model.generate(b, max_new_tokens=6, do_sample=False)[0, 13:])
 
 
-@pytest.mark.parametrize("option", ["sliding_window", "linear_elu"])
+@pytest.mark.parametrize("option", ["sliding_window", "linear_elu", "lolcats", "sink_window", "block_sparse"])
 @torch.no_grad()
 def test_beam_search_and_multiple_sequences(option):
     """Exercises reorder_cache / batch_repeat_interleave of the custom cache layers."""
@@ -347,11 +354,14 @@ def test_beam_search_and_multiple_sequences(option):
 @torch.no_grad()
 def test_families_swap_and_generate(family, option):
     model = swap_attention(tiny_model(family), OPTION_CFGS[option])
-    kinds = {type(layer.self_attn).__name__ for layer in model.model.layers}
-    if option == "softmax":
-        assert all(n.endswith("Attention") and n.startswith(type(model).__name__[:4]) for n in kinds)
-    else:
-        assert kinds == {"SlidingWindowAttention" if option == "sliding_window" else "LinearAttention"}
+    keep = set(OPTION_CFGS[option].get("keep_softmax") or ())
+    for i, layer in enumerate(model.model.layers):
+        swapped_layer = option != "softmax" and i not in keep
+        assert isinstance(layer.self_attn, FrontierAttention) == swapped_layer
+        if swapped_layer:
+            assert layer.self_attn.kind == OPTION_CFGS[option]["kind"]
+        else:
+            assert type(layer.self_attn).__name__.startswith(type(model).__name__[:4])
     assert model.config.frontier_attention["name"] == option
     assert "frontier_attention" in model.config.to_json_string()
     prompt = rand_ids(2, 11)
@@ -385,6 +395,12 @@ def test_cache_state_bytes_scaling():
     assert sw[0] == 2 * 2 * 2 * (WINDOW - 1) * 16 * 4
     lin = [nbytes("linear_elu", L) for L in (5, 20, 40)]
     assert lin[0] == lin[1] == lin[2] == 2 * (2 * 16 * 16 + 2 * 16) * 4
+    for option in SWAPPED:  # every bounded / linear variant: constant once past its pattern; topk grows
+        long = [nbytes(option, L) for L in (40, 60, 80)]
+        if option == "topk" or option == "hybrid":  # full KV cache (topk), softmax layer kept (hybrid)
+            assert long[0] < long[1] < long[2], option
+        else:
+            assert long[0] == long[1] == long[2] > 0, option
 
 
 # ----------------------------------------------------------------------------------------------
@@ -477,7 +493,7 @@ def test_swap_errors():
     with pytest.raises(ValueError, match="window"):
         swap_attention(tiny_model(), {"kind": "sliding_window", "window": 0})
     with pytest.raises(ValueError, match="feature_map"):
-        swap_attention(tiny_model(), {"kind": "linear", "feature_map": "taylor"})
+        swap_attention(tiny_model(), {"kind": "linear", "feature_map": "taylor2"})
 
     class Strange(torch.nn.Module):
         pass
@@ -487,7 +503,11 @@ def test_swap_errors():
     model = swapped("linear_elu")
     with pytest.raises(AlreadySwappedError):
         swap_attention(model, OPTION_CFGS["sliding_window"])
-    assert KINDS == ("softmax", "sliding_window", "linear")
+    assert KINDS == ("softmax", "sliding_window", "sink_window", "block_sparse", "topk", "linear", "lolcats")
+    with pytest.raises(ValueError, match="auto"):
+        swap_attention(tiny_model(), {**OPTION_CFGS["linear_elu"], "keep_softmax": "auto"})
+    with pytest.raises(ValueError, match="outside"):
+        swap_attention(tiny_model(), {**OPTION_CFGS["linear_elu"], "keep_softmax": [5]})
     # swap is in place and keeps the very same projection modules
     base = tiny_model()
     q = base.model.layers[1].self_attn.q_proj
@@ -499,7 +519,7 @@ def test_swap_errors():
         torch.testing.assert_close(copy.deepcopy(base)(ids).logits, base(ids).logits)
 
 
-@pytest.mark.parametrize("option", ["sliding_window", "linear_elu"])
+@pytest.mark.parametrize("option", SWAPPED)
 @torch.no_grad()
 def test_mistral_config_sliding_mask_with_padding(option):
     """Mistral builds a sliding-window mask from config.sliding_window (here shorter than the
@@ -517,7 +537,7 @@ def test_mistral_config_sliding_mask_with_padding(option):
     assert torch.equal(g[1, 16:], model.generate(b, max_new_tokens=5, do_sample=False)[0, 10:])
 
 
-@pytest.mark.parametrize("option", ["sliding_window", "linear_elu"])
+@pytest.mark.parametrize("option", SWAPPED)
 @torch.no_grad()
 def test_bfloat16_model_runs(option):
     model = swapped(option).to(torch.bfloat16)

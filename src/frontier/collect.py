@@ -123,6 +123,11 @@ SCHEMAS: dict[str, list[tuple[str, str, str]]] = {
         ("ovr.<key>", "string", "a value override applied to the point, e.g. `ovr.attention.window`; "
                                 "null where it does not apply"),
         ("cfg.<group>.<key>", "string", "the resolved config, flattened: scalars as strings, lists as JSON"),
+        ("attn.keep_softmax", "string", "JSON list of the layers kept softmax (hybrids; `[]` when every layer "
+                                        "was swapped); null for unswapped points"),
+        ("attn.<diagnostic>", "string", "keep_softmax=auto: JSON list per layer of `entropy` (normalised "
+                                        "attention entropy), `sink_mass`, `massive` (max/median |hidden|), "
+                                        "`score` (need for softmax); null otherwise"),
         ("versions", "string", "JSON object {package: version} of the evaluate job"),
         ("config_json", "string", "the full resolved config as JSON (modelled costs are recomputed "
                                   "from it when a later collect merges)"),
@@ -406,6 +411,12 @@ def run_row(m: dict, sweep: str) -> dict:
             row.update(_flatten(sub, f"cfg.{group}"))
         else:
             row[f"cfg.{group}"] = _scalar_str(sub)
+    layers = m.get("attention_layers") or {}
+    if layers:
+        row["attn.keep_softmax"] = json.dumps(layers.get("keep_softmax") or [])
+        for k in ("entropy", "sink_mass", "massive", "score"):
+            d = (layers.get("diagnostics") or {}).get(k)
+            row[f"attn.{k}"] = None if d is None else json.dumps(d)
     for k, v in (m.get("quality") or {}).items():
         row[str(k)] = _float(v)
     return row
@@ -514,8 +525,8 @@ def _runs_table(rows: list[dict]) -> pa.Table:
         cols.update(r)
     ovr = sorted(c for c in cols if c.startswith("ovr."))
     cfg = sorted(c for c in cols if c.startswith("cfg."))
-    quality = sorted((c for c in cols if c not in _KNOWN_RUN_COLS and not c.startswith(("ovr.", "cfg."))),
-                     key=_q_sort_key)
+    attn = sorted(c for c in cols if c.startswith("attn."))
+    quality = quality_columns(rows)
     fields, arrays = [], []
 
     def add(name: str, typ: pa.DataType, conv) -> None:
@@ -530,7 +541,7 @@ def _runs_table(rows: list[dict]) -> pa.Table:
         add(c, pa.float64(), _float)
     for c in quality:
         add(c, pa.float64(), _float)
-    for c in ovr + cfg:
+    for c in ovr + cfg + attn:
         add(c, pa.string(), _scalar_str)
     for c in _STR_TAIL:
         add(c, pa.string(), _scalar_str)
@@ -550,7 +561,7 @@ def quality_columns(runs: list[dict]) -> list[str]:
     cols: set[str] = set()
     for r in runs:
         cols.update(r)
-    return sorted((c for c in cols if c not in _KNOWN_RUN_COLS and not c.startswith(("ovr.", "cfg."))),
+    return sorted((c for c in cols if c not in _KNOWN_RUN_COLS and not c.startswith(("ovr.", "cfg.", "attn."))),
                   key=_q_sort_key)
 
 

@@ -92,25 +92,79 @@ class QuantCfg:
     calib_seq_len: int = _f(256, ge=8, doc="gptq/awq: tokens per calibration window")
     damp: float = _f(0.01, gt=0, doc="gptq: Hessian damping (fraction of its mean diagonal)")
     awq_grid: int = _f(20, ge=2, doc="awq: points of the scale-exponent grid search")
+    when: str = _f("pre", choices=("pre", "post"),
+                   doc="pre: quantize the base, then surgery and fine-tuning run on the frozen quantized "
+                       "weights (QLoRA-style); post: quantize the fine-tuned model (after surgery and "
+                       "fine-tuning; LoRA adapters are merged into the weights first)")
+
+
+ATTENTION_KINDS = ("softmax", "sliding_window", "sink_window", "block_sparse", "topk", "linear", "lolcats")
+FEATURE_MAPS = ("elu", "relu", "hedgehog", "taylor", "performer", "cosformer")
 
 
 @dataclass
 class SoftmaxAttnCfg:
     name: str = _f()
-    kind: str = _f(choices=("softmax", "sliding_window", "linear"))
+    kind: str = _f(choices=ATTENTION_KINDS)
 
 
 @dataclass
-class SlidingWindowAttnCfg(SoftmaxAttnCfg):
+class SwappedAttnCfg(SoftmaxAttnCfg):
+    """Fields every non-softmax variant has: the hybrid choice of layers kept softmax."""
+    keep_softmax: Any = _f(None, doc="null: swap every layer; a list of layer indices kept softmax; or 'auto': "
+                           "choose n_softmax layers from calibration diagnostics")
+    n_softmax: int = _f(1, ge=1, doc="keep_softmax=auto: how many layers keep softmax")
+    keep_by: str = _f("combined", choices=("combined", "entropy", "sink", "massive"),
+                      doc="keep_softmax=auto: the per-layer score that ranks layers")
+    calib_samples: int = _f(8, ge=1, doc="keep_softmax=auto: calibration windows from the sweep's training split")
+    calib_seq_len: int = _f(128, ge=16, doc="keep_softmax=auto: tokens per calibration window")
+    sink_tokens: int = _f(4, ge=1, doc="keep_softmax=auto: leading tokens counted as attention sinks")
+
+
+@dataclass
+class SlidingWindowAttnCfg(SwappedAttnCfg):
     window: int = _f(ge=1)
+    block_size: int = _f(128, ge=1, doc="query block of the blockwise prefill")
 
 
 @dataclass
-class LinearAttnCfg(SoftmaxAttnCfg):
-    feature_map: str = _f("elu", choices=("elu",))
-    learned_map: bool = _f(True)
+class SinkWindowAttnCfg(SlidingWindowAttnCfg):
+    sinks: int = _f(4, ge=1, doc="first tokens every query also sees (StreamingLLM attention sinks)")
+
+
+@dataclass
+class BlockSparseAttnCfg(SwappedAttnCfg):
+    block_size: int = _f(32, ge=1)
+    local_blocks: int = _f(2, ge=1, doc="a query sees its own block and the local_blocks-1 before it")
+    global_blocks: int = _f(1, ge=0, doc="plus the first global_blocks blocks")
+
+
+@dataclass
+class TopKAttnCfg(SwappedAttnCfg):
+    k: int = _f(32, ge=1, doc="keys per query (by score, among the causal keys)")
+    block_size: int = _f(256, ge=1, doc="query block of the prefill")
+
+
+@dataclass
+class LinearAttnCfg(SwappedAttnCfg):
+    feature_map: str = _f("elu", choices=FEATURE_MAPS)
+    learned_map: bool = _f(True, doc="a learnable per-head map before the feature function (identity init); "
+                           "hedgehog and taylor always learn theirs")
+    feature_dim: Optional[int] = _f(None, ge=1, doc="hedgehog: projection width (null = head_dim); taylor: "
+                                    "projected dim d' (null = 16); performer: random features (null = 64)")
+    seed: int = _f(0, doc="performer: seed of the random features")
+    redraw_interval: int = _f(0, ge=0, doc="performer: redraw the random features every N training forwards (0: never)")
+    stabilize: bool = _f(True, doc="performer: subtract the per-query-row max (cancels in the normalisation)")
+    max_len: int = _f(8192, ge=2, doc="cosformer: M of the cos(pi (i-j) / 2M) re-weighting; positions must stay below")
     chunk_size: int = _f(64, ge=1)
     eps: float = _f(1e-6, gt=0)
+
+
+@dataclass
+class LolcatsAttnCfg(LinearAttnCfg):
+    window: int = _f(64, ge=1)
+    gate_init: float = _f(0.0, doc="initial logit of the per-head window/linear mixing gate (sigmoid)")
+    block_size: int = _f(128, ge=1, doc="query block of the window part")
 
 
 @dataclass
@@ -305,7 +359,8 @@ class SweepCfg:
 # Schema chosen by a discriminating key inside the group config.
 POLYMORPHIC = {
     "attention": ("kind", {"softmax": SoftmaxAttnCfg, "sliding_window": SlidingWindowAttnCfg,
-                           "linear": LinearAttnCfg}),
+                           "sink_window": SinkWindowAttnCfg, "block_sparse": BlockSparseAttnCfg,
+                           "topk": TopKAttnCfg, "linear": LinearAttnCfg, "lolcats": LolcatsAttnCfg}),
     "finetune": ("method", {"none": FinetuneNoneCfg, "transfer": TransferCfg, "lolcats": LolcatsCfg,
                             "lora": LoraCfg, "full": FullCfg}),
 }
@@ -418,6 +473,13 @@ def validate_point(cfg: dict, *, cuda_available: Optional[bool] = None) -> None:
         raise ConfigError("model.head_dim", f"heads*head_dim must equal hidden ({m['hidden']})")
     if q["method"] == "none" and q["bits"] != 16:
         raise ConfigError("quant.bits", "method none keeps 16-bit weights; set bits: 16")
+    when = q.get("when", "pre")
+    if when == "post" and q["method"] == "none":
+        raise ConfigError("quant.when", f"when: post quantizes the fine-tuned model, but quant option {q['name']!r} "
+                          "(method none) quantizes nothing; use when: pre (the default) with it, or in a sweep "
+                          "that crosses quant.when with quant=none add the rule `exclude: [{quant: none, "
+                          "quant.when: post}]`")
+    quantized_base = q["method"] != "none" and when == "pre"   # the surgery/fine-tuning see quantized weights
     # Quant methods and what each accepts (bits, group sizes, symmetric codes, a needed package).
     quant_rules = {
         "rtn": {"bits": (2, 3, 4, 5, 6, 7, 8)},
@@ -463,8 +525,7 @@ def validate_point(cfg: dict, *, cuda_available: Optional[bool] = None) -> None:
     longest = max([*ev["recall"]["context_lens"], *ev["cost"]["context_lens"], ev["ppl"]["seq_len"]])
     if longest > m["max_position"]:
         raise ConfigError("eval", f"context length {longest} exceeds model.max_position={m['max_position']}")
-    if a["kind"] == "sliding_window" and a["window"] >= ev["ppl"]["seq_len"]:
-        raise ConfigError("attention.window", f"window {a['window']} must be below eval.ppl.seq_len={ev['ppl']['seq_len']} or it equals softmax")
+    _validate_attention(a, m, ev)
     for lk in ("recall", "cost"):
         lens = ev[lk]["context_lens"]
         if not lens or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 16 for x in lens):
@@ -478,30 +539,89 @@ def validate_point(cfg: dict, *, cuda_available: Optional[bool] = None) -> None:
         for phase in phases:
             if ft[phase]["seq_len"] > m["max_position"]:
                 raise ConfigError(f"finetune.{phase}.seq_len", f"exceeds model.max_position={m['max_position']}")
-        if ft["precision"] == "bf16" and q["method"] != "none" and m["dtype"] == "float32":
+        if ft["precision"] == "bf16" and quantized_base and m["dtype"] == "float32":
             raise ConfigError("finetune.precision", "bf16 training over a quantized float32 base is not supported "
                               "by the int kernels; use precision: fp32 or a bfloat16 model")
-        # only a linear attention with a learned feature map adds parameters for attention transfer
-        transferable = a["kind"] == "linear" and bool(a.get("learned_map", True))
+        # only variants with new parameters (learned feature maps, gates) can do attention transfer
+        transferable = attention_has_params(a)
         if method == "transfer" and not transferable:
             raise ConfigError("finetune.method", f"{opt} trains only the new attention parameters, and attention "
                               f"{a['name']!r} (kind {a['kind']}) has none, so it would train nothing; use lora or "
-                              "full, or a linear attention with a learned feature map")
+                              "full, or an attention with learned parameters (linear with a learned map, hedgehog, "
+                              "taylor, lolcats)")
         if method == "lolcats" and not transferable and ft["lora"]["steps"] == 0:
             raise ConfigError("finetune.lora.steps", f"attention {a['name']} has no transfer parameters, so "
                               "lolcats with lora.steps=0 would train nothing")
         if all(ft[phase]["steps"] == 0 for phase in phases):
             raise ConfigError(f"finetune.{phases[-1]}.steps", f"{opt} with 0 steps in every phase "
                               f"({', '.join(phases)}) would train nothing (use finetune=none)")
-        if method == "full" and q["method"] != "none":
+        if method == "full" and quantized_base:
             raise ConfigError("finetune.method", f"{opt} trains every weight, but quant option {q['name']!r} "
                               f"(method {q['method']}) stores the linear weights as frozen quantized tensors that "
                               "cannot be trained; use lora or lolcats on a quantized base, or full with quant=none")
         if ft["offload_optimizer"] and ft["zero_stage"] == 0:
             raise ConfigError("finetune.offload_optimizer", "optimizer offload is a ZeRO feature; set zero_stage "
                               "to 1, 2 or 3, or offload_optimizer: false")
-        if ft["zero_stage"] == 3 and q["method"] != "none":
+        if ft["zero_stage"] == 3 and quantized_base:
             raise ConfigError("finetune.zero_stage", "ZeRO-3 partitions the frozen quantized base, which torchao tensors do not support; use 0, 1 or 2")
+
+
+def attention_has_params(a: dict) -> bool:
+    """Whether the attention variant adds trainable parameters (what attention transfer trains)."""
+    if a["kind"] == "lolcats":
+        return True
+    if a["kind"] == "linear":
+        return a.get("feature_map", "elu") in ("hedgehog", "taylor") or bool(a.get("learned_map", True))
+    return False
+
+
+def _validate_attention(a: dict, m: dict, ev: dict) -> None:
+    """Cross-field rules of the attention group: windows and patterns shorter than the evaluation,
+    feature-map limits, the hybrid layer choice."""
+    seq = ev["ppl"]["seq_len"]
+    kind = a["kind"]
+    if kind in ("sliding_window", "sink_window", "lolcats") and a["window"] >= seq:
+        raise ConfigError("attention.window", f"window {a['window']} must be below eval.ppl.seq_len={seq} or it equals softmax")
+    if kind == "block_sparse" and a["block_size"] * (a["local_blocks"] + a["global_blocks"]) >= seq:
+        raise ConfigError("attention.block_size", f"block_size*(local_blocks+global_blocks) = "
+                          f"{a['block_size'] * (a['local_blocks'] + a['global_blocks'])} must be below "
+                          f"eval.ppl.seq_len={seq} or the pattern covers every key")
+    if kind == "topk" and a["k"] >= seq:
+        raise ConfigError("attention.k", f"k {a['k']} must be below eval.ppl.seq_len={seq} or it equals softmax")
+    if kind in ("linear", "lolcats"):
+        fm = a.get("feature_map", "elu")
+        from .attention.featuremaps import FEATURE_MAP_KEYS, validate_feature_map_cfg
+
+        try:  # keys a map does not use (seed with elu, ...), learned_map false for hedgehog, ...
+            validate_feature_map_cfg({**a, "feature_map": fm})
+        except ValueError as e:
+            import re
+
+            hit = re.search(r"cfg '(\w+)'", str(e))
+            bad = hit.group(1) if hit else "feature_map"
+            raise ConfigError(f"attention.{bad}", f"{e} (keys per feature map: "
+                              f"{ {k: sorted(v) for k, v in FEATURE_MAP_KEYS.items()} })") from None
+        if fm == "cosformer":
+            longest = max([*ev["recall"]["context_lens"], *ev["cost"]["context_lens"], seq])
+            if a["max_len"] <= longest:
+                raise ConfigError("attention.max_len", f"cosformer max_len {a['max_len']} must exceed the longest "
+                                  f"evaluated context ({longest})")
+    keep = a.get("keep_softmax")
+    if keep is None or kind == "softmax":
+        return
+    layers = m["layers"]
+    if keep == "auto":
+        if a["n_softmax"] >= layers:
+            raise ConfigError("attention.n_softmax", f"must be below model.layers={layers} (all layers softmax is "
+                              "attention=softmax)")
+        return
+    if not isinstance(keep, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in keep):
+        raise ConfigError("attention.keep_softmax", f"must be null, 'auto' or a list of layer indices, got {keep!r}")
+    bad = [i for i in keep if not 0 <= i < layers]
+    if bad:
+        raise ConfigError("attention.keep_softmax", f"layers {bad} are outside 0..{layers - 1} (model.layers={layers})")
+    if len(set(keep)) >= layers:
+        raise ConfigError("attention.keep_softmax", f"keeps every one of the {layers} layers softmax; use attention=softmax")
 
 
 def _validate_eval_tasks(ev: dict) -> None:
@@ -546,6 +666,33 @@ def group_options(group: str) -> list[str]:
     from hydra.core.object_type import ObjectType
 
     return sorted(_hydra().config_loader().get_group_options(group, results_filter=ObjectType.CONFIG))
+
+
+@functools.lru_cache(maxsize=None)
+def _option_file(group: str, name: str) -> dict:
+    from omegaconf import OmegaConf
+
+    path = CONF_DIR / group / f"{name}.yaml"
+    if not path.is_file():
+        opts = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        raise ConfigError(group, f"unknown option {name!r}; available: {', '.join(opts)}")
+    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    if "defaults" in cfg:
+        raise ConfigError(group, f"{path} uses a defaults list; option_config reads plain option files only")
+    return cfg
+
+
+def option_config(group: str, name: str) -> dict:
+    """The plain contents of ``conf/<group>/<name>.yaml`` (a fresh dict; no Hydra initialisation),
+    for code that needs an option's values outside a composed point (benchmarks, tests)."""
+    import copy
+
+    return copy.deepcopy(_option_file(group, name))
+
+
+def option_names(group: str) -> list[str]:
+    """Option names of a group, from the files in ``conf/<group>/`` (no Hydra initialisation)."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
 def compose(group_choices: tuple[tuple[str, str], ...]) -> dict:

@@ -33,8 +33,18 @@ weights):
   independent of L. Prefill = L × the per-token cost (recurrent accounting). A learned
   feature map (``learned_map: true``) is counted as that projection too.
 * KV bits default to the model dtype's bits (``kv_bits=None``).
+* Feature dims per map: elu/relu F = head_dim; hedgehog 2·feature_dim (null → head_dim);
+  taylor ``1 + d' + d'(d'+1)/2`` with d' = feature_dim (16); performer feature_dim (64);
+  cosformer 2·head_dim.
 * ``linear_sliding`` (LoLCATs: linear + window in one layer) pays both.
-* Hybrids: layers listed in ``attention_cfg["keep_softmax"]`` stay softmax.
+* Block-sparse (block b, local l, global g): a query sees at most ``(l + g)·b`` keys, so
+  ``eff(i) = min(i, (l + g)·b)`` (an upper bound within a block); the cache holds as many.
+* Top-k (k keys per query): exact top-k still scores every causal key (``2·L·head_dim·heads``
+  per token for the scores) but reads only k values (``2·min(L, k)·head_dim·heads``); the
+  cache holds all L keys and values (no memory saving).
+* Hybrids: layers listed in ``attention_cfg["keep_softmax"]`` stay softmax; with
+  ``keep_softmax: auto`` the layers are chosen at surgery time, so the model counts
+  ``n_softmax`` softmax layers (the first ones; only the count matters for cost).
 * seconds = max(flops / peak_flops, bytes / mem_bw) per phase (roofline).
 """
 
@@ -54,7 +64,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "h200": {"name": "h200", "peak_flops": 9.89e14, "mem_bw": 4.8e12, "mem_bytes": 1.41e11},
 }
 
-ATTENTION_KINDS = ("softmax", "sliding_window", "linear", "linear_sliding")
+ATTENTION_KINDS = ("softmax", "sliding_window", "block_sparse", "topk", "linear", "linear_sliding")
 _KIND_ALIASES = {
     "softmax": "softmax",
     "full": "softmax",
@@ -63,6 +73,9 @@ _KIND_ALIASES = {
     "sliding": "sliding_window",
     "swa": "sliding_window",
     "sinks_window": "sliding_window",
+    "sink_window": "sliding_window",
+    "block_sparse": "block_sparse",
+    "topk": "topk",
     "linear": "linear",
     "linear_elu": "linear",
     "linear_sliding": "linear_sliding",
@@ -191,6 +204,9 @@ def _attn_kind(attention_cfg: dict | None) -> str:
 
 
 def _window(attention_cfg: dict) -> int:
+    if attention_cfg.get("kind") == "block_sparse":
+        return int(attention_cfg["block_size"]) * (int(attention_cfg.get("local_blocks", 1))
+                                                   + int(attention_cfg.get("global_blocks", 0)))
     w = attention_cfg.get("window")
     if w is None:
         raise ValueError("costmodel: sliding-window attention needs attention.window")
@@ -204,11 +220,30 @@ def _causal_sum(L: int, window: int | None) -> int:
     return window * (window + 1) // 2 + (L - window) * window
 
 
+def feature_dim(attention_cfg: dict, head_dim: int) -> int:
+    """Features per head of a linear attention's feature map (see the module docstring)."""
+    fm = attention_cfg.get("feature_map") or ("hedgehog" if attention_cfg.get("kind") == "lolcats" else "elu")
+    fd = attention_cfg.get("feature_dim")
+    if fm == "hedgehog":
+        return 2 * int(fd or head_dim)
+    if fm == "taylor":
+        d = int(fd or 16)
+        return 1 + d + d * (d + 1) // 2
+    if fm == "performer":
+        return int(fd or 64)
+    if fm == "cosformer":
+        return 2 * head_dim
+    return int(fd or head_dim)
+
+
 def layer_kinds(model_cfg: dict, attention_cfg: dict | None) -> list[str]:
     """The attention kind of every layer (hybrids keep ``keep_softmax`` layers softmax)."""
     n = _dims(model_cfg)["layers"]
     kind = _attn_kind(attention_cfg)
-    keep = {int(i) % n for i in ((attention_cfg or {}).get("keep_softmax") or [])}
+    keep_cfg = (attention_cfg or {}).get("keep_softmax") or []
+    if keep_cfg == "auto":
+        keep_cfg = range(min(int((attention_cfg or {}).get("n_softmax", 1)), n))
+    keep = {int(i) % n for i in keep_cfg}
     return ["softmax" if i in keep else kind for i in range(n)]
 
 
@@ -216,14 +251,19 @@ def _layer_attention(kind: str, d: dict, attention_cfg: dict | None, L: int, kv_
     """Per-layer, per-batch-row attention cost: decode/prefill FLOPs and state bytes at L."""
     heads, kvh, hd = d["heads"], d["kv_heads"], d["head_dim"]
     dec = pre = state = 0.0
-    if kind in ("softmax", "sliding_window", "linear_sliding"):
+    if kind in ("softmax", "sliding_window", "block_sparse", "linear_sliding"):
         window = None if kind == "softmax" else _window(attention_cfg or {})
         leff = L if window is None else min(L, window)
         dec += 4.0 * heads * hd * leff  # scores + values
         pre += 4.0 * heads * hd * _causal_sum(L, window)
         state += 2.0 * kvh * hd * leff * kv_bits / 8.0
+    if kind == "topk":
+        k = int((attention_cfg or {}).get("k", 32))
+        dec += 2.0 * heads * hd * (L + min(L, k))  # every score, k values
+        pre += 2.0 * heads * hd * (_causal_sum(L, None) + _causal_sum(L, k))
+        state += 2.0 * kvh * hd * L * kv_bits / 8.0
     if kind in ("linear", "linear_sliding"):
-        f = int((attention_cfg or {}).get("feature_dim") or hd)
+        f = feature_dim(attention_cfg or {}, hd)
         dv = hd
         per_tok = 2.0 * kvh * f * dv + 2.0 * heads * f * dv + 2.0 * kvh * f + 2.0 * heads * f
         if f != hd or (attention_cfg or {}).get("learned_map"):

@@ -29,14 +29,16 @@ from .kernels import (
 from .modules import (
     FrontierAttention,
     LinearAttention,
-    LinearFeatureMap,
     LinearStateLayer,
     SlidingWindowAttention,
     SlidingWindowStateLayer,
     key_validity,
 )
+from .hybrid import KEEP_BY, choose_softmax_layers, layer_diagnostics, resolve_keep_softmax
 from .swap import (
     KINDS,
+    LINEAR_KINDS,
+    SPARSE_KINDS,
     OPTION_DEFAULTS,
     OPTIONS,
     AlreadySwappedError,
@@ -50,6 +52,12 @@ from .swap import (
 )
 
 __all__ = [
+    "KEEP_BY",
+    "LINEAR_KINDS",
+    "SPARSE_KINDS",
+    "choose_softmax_layers",
+    "layer_diagnostics",
+    "resolve_keep_softmax",
     "FEATURE_MAPS",
     "HAS_FLA",
     "KINDS",
@@ -58,7 +66,6 @@ __all__ = [
     "AlreadySwappedError",
     "FrontierAttention",
     "LinearAttention",
-    "LinearFeatureMap",
     "LinearStateLayer",
     "SlidingWindowAttention",
     "SlidingWindowStateLayer",

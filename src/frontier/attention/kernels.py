@@ -212,6 +212,7 @@ def linear_attention_chunked(
     segment_size: int = 512,
     q_map: Callable[[torch.Tensor], torch.Tensor] | None = None,
     k_map: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    return_parts: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, LinearState]:
     """Chunked causal linear attention in PyTorch (CPU and GPU), O(L) time and memory.
 
@@ -223,7 +224,9 @@ def linear_attention_chunked(
     op over the whole sequence. ``q_map``/``k_map`` (optional) turn raw q/k slices into features
     per segment (fusing the feature map into the same cache-resident pass); without them ``q``/``k``
     are already features. ``L`` need not be a multiple of ``C`` (zero padding; zero features add
-    nothing). Differentiable (autograd).
+    nothing). Differentiable (autograd). ``return_parts=True`` returns the unnormalised numerator
+    ``[B, Hq, L, Dv]`` and normaliser ``[B, Hq, L]`` (accumulation dtype) as a pair instead of their
+    ratio, for layers that mix linear attention with another term (LoLCATs' window + linear).
     """
     if chunk_size < 1:
         raise ValueError("chunk_size must be >= 1")
@@ -280,9 +283,15 @@ def linear_attention_chunked(
         den += torch.einsum("bhgncf,bhnf->bhgnc", qc, z_excl)
         S = S + incl[:, :, -1]
         z = z + z_incl[:, :, -1]
-        outs.append((num / (den + eps)[..., None]).reshape(B, Hq, n * C, Dv)[:, :, :n_tok])
+        if return_parts:
+            outs.append((num.reshape(B, Hq, n * C, Dv)[:, :, :n_tok], den.reshape(B, Hq, n * C)[:, :, :n_tok]))
+        else:
+            outs.append((num / (den + eps)[..., None]).reshape(B, Hq, n * C, Dv)[:, :, :n_tok])
 
-    res = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)).to(out_dtype)
+    if return_parts:
+        res = tuple(o[0] if len(outs) == 1 else torch.cat(o, dim=2) for o in zip(*outs))
+    else:
+        res = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)).to(out_dtype)
     if not return_state:
         return res
     return res, (S, z)

@@ -41,7 +41,6 @@ from . import kernels as K
 __all__ = [
     "FrontierAttention",
     "LinearAttention",
-    "LinearFeatureMap",
     "LinearStateLayer",
     "SlidingWindowAttention",
     "SlidingWindowStateLayer",
@@ -60,11 +59,15 @@ class LinearStateLayer(CacheLayerMixin):
     Holds ``S: [B, Hkv, F, Dv]`` and ``z: [B, Hkv, F]`` (float32, or float64 for float64 inputs) and
     ``cumulative_length`` (tokens seen, padding included) so that ``Cache.get_seq_length()`` and
     hence generate()'s position ids work. ``get_mask_sizes(q) == (q, cumulative_length)``: masks
-    built against this layer cover only the new tokens, which is all this layer reads from them.
+    built against this layer cover only the new tokens, which is all this layer reads from them
+    (``is_sliding = True`` keeps a hybrid's masks sized for its softmax layers).
     """
 
     _layer_type = "frontier_linear"
-    is_sliding = False
+    # "sliding" for transformers' mask creation: in a hybrid, the causal mask is then built against
+    # the first softmax (non-sliding) layer, whose keys it must cover; this layer only reads the
+    # validity of the new keys, which any mask that covers them provides.
+    is_sliding = True
     is_compileable = False
     is_croppable = False
     supports_early_init = False
@@ -421,55 +424,6 @@ class SlidingWindowAttention(FrontierAttention):
         )
 
 
-class LinearFeatureMap(nn.Module):
-    """phi(x) = act(x W_h) with a learnable square map per head, initialised to identity.
-
-    Queries use one map per query head (``q_weight: [Hq, D, D]``), keys one per kv head
-    (``k_weight: [Hkv, D, D]``), so K never has to be expanded for GQA. ``learned=False``: no
-    parameters, phi(x) = act(x). act: ``elu`` -> elu + 1 (so at init phi is exactly elu+1), ``relu``.
-    """
-
-    def __init__(
-        self,
-        kind: str,
-        head_dim: int,
-        num_heads: int,
-        num_kv_heads: int,
-        learned: bool,
-        dtype: torch.dtype | None = None,
-        device=None,
-    ):
-        super().__init__()
-        if kind not in K.FEATURE_MAPS:
-            raise ValueError(f"unknown feature_map {kind!r}; allowed: {K.FEATURE_MAPS}")
-        self.kind = kind
-        self.learned = bool(learned)
-        if self.learned:
-            eye = torch.eye(head_dim, dtype=dtype, device=device)
-            self.q_weight = nn.Parameter(eye.expand(num_heads, head_dim, head_dim).clone())
-            self.k_weight = nn.Parameter(eye.expand(num_kv_heads, head_dim, head_dim).clone())
-
-    def extra_repr(self) -> str:
-        return f"kind={self.kind}, learned={self.learned}"
-
-    def _map(self, x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-        if w is None:
-            return K.apply_feature_map(x, self.kind)
-        x = torch.einsum("bhld,hde->bhle", x, w.to(x.dtype))
-        if torch.is_grad_enabled() and x.requires_grad:
-            return K.apply_feature_map(x, self.kind)
-        return K.apply_feature_map_(x, self.kind)  # inference: reuse the fresh einsum output
-
-    def forward_q(self, q: torch.Tensor) -> torch.Tensor:
-        return self._map(q, self.q_weight if self.learned else None)
-
-    def forward_k(self, k: torch.Tensor) -> torch.Tensor:
-        return self._map(k, self.k_weight if self.learned else None)
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.forward_q(q), self.forward_k(k)
-
-
 class LinearAttention(FrontierAttention):
     """Normalised causal linear attention ``phi(q_i) S_i / (phi(q_i) z_i + eps)`` on RoPE'd q/k.
 
@@ -487,24 +441,30 @@ class LinearAttention(FrontierAttention):
         self.segment_size = int(cfg.get("segment_size", 512))
         w = orig.q_proj.weight
         dtype = w.dtype if torch.is_floating_point(torch.empty((), dtype=w.dtype)) else torch.float32
-        self.feature_map = LinearFeatureMap(
-            cfg.get("feature_map", "elu"),
-            self.head_dim,
-            self.num_heads,
-            self.num_key_value_heads,
-            bool(cfg.get("learned_map", True)),
-            dtype=dtype,
-            device=w.device,
+        from .featuremaps import make_feature_map
+
+        self.feature_map = make_feature_map(
+            cfg, self.head_dim, self.num_heads, self.num_key_value_heads, dtype=dtype, device=w.device
         )
 
     def _attend(self, q, k, v, valid, cache):
         fm = self.feature_map
         state = None
         layer = None
+        start = 0
         if cache is not None:
             layer = _ensure_cache_layer(cache, self.layer_idx, LinearStateLayer)
             state = layer.get_state()
-        if state is not None and q.shape[2] == 1:
+            start = layer.cumulative_length
+        L = q.shape[2]
+        if fm.position_dependent:  # e.g. cosFormer: features need absolute positions, map up front
+            pos = torch.arange(start, start + L, device=q.device)
+            fq, fk = fm.forward_q(q, pos), fm.forward_k(k, pos)
+            out, new_state = K.linear_attention_prefill(
+                fq, fk, v, chunk_size=self.chunk_size, eps=self.eps, initial_state=state, key_valid=valid,
+                segment_size=self.segment_size,
+            )
+        elif state is not None and L == 1:
             out, new_state = K.linear_attention_recurrent_step(
                 fm.forward_q(q), fm.forward_k(k), v, state, eps=self.eps, key_valid=valid
             )

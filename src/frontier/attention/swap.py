@@ -6,11 +6,15 @@ import torch
 from torch import nn
 from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
-from . import kernels as K
+from collections.abc import Mapping
+
+from ..config import option_config, option_names
 from .modules import FrontierAttention, LinearAttention, LinearStateLayer, SlidingWindowAttention
 
 __all__ = [
     "KINDS",
+    "LINEAR_KINDS",
+    "SPARSE_KINDS",
     "OPTIONS",
     "OPTION_DEFAULTS",
     "AlreadySwappedError",
@@ -23,20 +27,29 @@ __all__ = [
     "transfer_losses",
 ]
 
-KINDS = ("softmax", "sliding_window", "linear")
-OPTIONS = ("softmax", "sliding_window", "linear_elu")
-OPTION_DEFAULTS: dict[str, dict] = {
-    "softmax": {"name": "softmax", "kind": "softmax"},
-    "sliding_window": {"name": "sliding_window", "kind": "sliding_window", "window": 64},
-    "linear_elu": {
-        "name": "linear_elu",
-        "kind": "linear",
-        "feature_map": "elu",
-        "learned_map": True,
-        "chunk_size": 64,
-        "eps": 1e-6,
-    },
-}
+KINDS = ("softmax", "sliding_window", "sink_window", "block_sparse", "topk", "linear", "lolcats")
+SPARSE_KINDS = ("sink_window", "block_sparse", "topk")
+LINEAR_KINDS = ("linear", "lolcats")
+# The options are the files in conf/attention/ (one source of truth for names and defaults).
+OPTIONS = tuple(option_names("attention"))
+
+
+class _OptionDefaults(Mapping):
+    """``OPTION_DEFAULTS[name]`` = the contents of ``conf/attention/<name>.yaml`` (read lazily)."""
+
+    def __getitem__(self, name: str) -> dict:
+        if name not in OPTIONS:
+            raise KeyError(name)
+        return option_config("attention", name)
+
+    def __iter__(self):
+        return iter(OPTIONS)
+
+    def __len__(self) -> int:
+        return len(OPTIONS)
+
+
+OPTION_DEFAULTS: Mapping[str, dict] = _OptionDefaults()
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -44,8 +57,17 @@ class AlreadySwappedError(ValueError):
     """swap_attention was called on a model whose attention modules were already swapped."""
 
 
+def _pos_int(out: dict, key: str, default=None, minimum: int = 1) -> None:
+    v = out.setdefault(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ValueError(f"attention cfg {key!r} must be an int >= {minimum}, got {v!r}")
+
+
 def normalize_config(cfg: dict) -> dict:
-    """Validate an attention config dict and fill defaults. Raises ValueError naming the bad key."""
+    """Validate an attention config dict and fill defaults. Raises ValueError naming the bad key.
+
+    (Plan-time validation of a whole point is :func:`frontier.config.validate_point`; this is the
+    library-level check for direct callers of :func:`swap_attention`.)"""
     if not isinstance(cfg, dict):
         raise ValueError(f"attention cfg must be a dict, got {type(cfg).__name__}")
     kind = cfg.get("kind")
@@ -54,23 +76,46 @@ def normalize_config(cfg: dict) -> dict:
     out = dict(cfg)
     out.setdefault("name", kind)
     if kind == "sliding_window":
-        w = out.get("window", 64)
-        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
-            raise ValueError(f"attention cfg 'window' must be an int >= 1, got {w!r}")
-        out["window"] = w
-    elif kind == "linear":
-        fm = out.setdefault("feature_map", "elu")
-        if fm not in K.FEATURE_MAPS:
-            raise ValueError(f"attention cfg 'feature_map' must be one of {K.FEATURE_MAPS}, got {fm!r}")
-        out["learned_map"] = bool(out.get("learned_map", True))
-        cs = out.setdefault("chunk_size", 64)
-        if isinstance(cs, bool) or not isinstance(cs, int) or cs < 1:
-            raise ValueError(f"attention cfg 'chunk_size' must be an int >= 1, got {cs!r}")
+        _pos_int(out, "window", 64)
+    elif kind in SPARSE_KINDS:
+        from .sparse import normalize_sparse_config
+
+        out = normalize_sparse_config(out)
+    elif kind in LINEAR_KINDS:
+        from .featuremaps import validate_feature_map_cfg
+
+        out.setdefault("feature_map", "elu" if kind == "linear" else "hedgehog")
+        out = validate_feature_map_cfg(out)
+        _pos_int(out, "chunk_size", 64)
         eps = float(out.setdefault("eps", 1e-6))
         if not eps > 0:
             raise ValueError(f"attention cfg 'eps' must be > 0, got {eps!r}")
         out["eps"] = eps
+        if kind == "lolcats":
+            _pos_int(out, "window", 64)
+            out["gate_init"] = float(out.get("gate_init", 0.0))
+    keep = out.get("keep_softmax")
+    if keep is not None and keep != "auto":
+        if kind == "softmax":
+            raise ValueError("attention cfg 'keep_softmax' needs a non-softmax kind")
+        if not isinstance(keep, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in keep):
+            raise ValueError(f"attention cfg 'keep_softmax' must be null, 'auto' or a list of layer indices, got {keep!r}")
+        out["keep_softmax"] = sorted(set(int(i) for i in keep))
     return out
+
+
+def _module_class(kind: str):
+    if kind == "sliding_window":
+        return SlidingWindowAttention
+    if kind == "linear":
+        return LinearAttention
+    if kind == "lolcats":
+        from .lolcats import LolcatsAttention
+
+        return LolcatsAttention
+    from .sparse import SPARSE_MODULES
+
+    return SPARSE_MODULES[kind]
 
 
 def _decoder_layers(model: nn.Module):
@@ -108,10 +153,21 @@ def swap_attention(model: nn.Module, cfg: dict) -> nn.Module:
             f"({getattr(model.config, 'frontier_attention', None)}); build or load a fresh model"
         )
     kind = cfg["kind"]
+    keep = cfg.get("keep_softmax")
+    if keep == "auto":
+        raise ValueError(
+            "attention keep_softmax: auto must be resolved from calibration text before swapping "
+            "(frontier.attention.resolve_keep_softmax, done by the surgery stage)"
+        )
+    keep = set(keep or ())
+    bad = sorted(i for i in keep if not 0 <= i < len(layers))
+    if bad:
+        raise ValueError(f"attention keep_softmax lists layers {bad} outside 0..{len(layers) - 1}")
     if kind != "softmax":
-        cls = SlidingWindowAttention if kind == "sliding_window" else LinearAttention
-        for layer in layers:
-            layer.self_attn = cls(layer.self_attn, cfg)
+        cls = _module_class(kind)
+        for i, layer in enumerate(layers):
+            if i not in keep:
+                layer.self_attn = cls(layer.self_attn, cfg)
     model.config.frontier_attention = dict(cfg)
     return model
 

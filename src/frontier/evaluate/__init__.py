@@ -88,7 +88,7 @@ def metrics_record(*, point_id: str, sweep: str, choices: dict, overrides: dict,
             "choices": dict(choices or {}), "overrides": dict(overrides or {}), "config": cfg,
             "quality": {}, "weight_bytes": None, "params": None, "effective_bits": None,
             "costs": [], "versions": checkpoint.library_versions(), "device": None, "wall_s": None,
-            "warnings": []}
+            "attention_layers": None, "warnings": []}
 
 
 def _evaluate(rec: dict, ckpt_dir: Path, cfg: dict, progress: bool) -> None:
@@ -104,6 +104,10 @@ def _evaluate(rec: dict, ckpt_dir: Path, cfg: dict, progress: bool) -> None:
     log.info("loaded %s (%d stages) on %s in %.1fs", ckpt_dir, len(point.manifests), rec["device"], time.time() - t)
 
     rec.update(weight_stats(model))
+    for m in point.manifests:  # hybrids: which layers kept softmax, and (auto) the diagnostics behind it
+        if m.get("stage") == "surgery" and isinstance(m.get("attention"), dict):
+            rec["attention_layers"] = {"keep_softmax": m["attention"].get("keep_softmax") or [],
+                                       "diagnostics": m["attention"].get("diagnostics")}
     ev = cfg["eval"]
     t = time.time()
     rec["quality"].update(evaluate_perplexity(model, tok, ev, cfg["data"], progress=progress))
