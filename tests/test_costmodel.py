@@ -188,3 +188,30 @@ def test_model_dtype_learned_map_and_measure_flag():
     assert costmodel.resolve_hardware(cpu) is cpu
     measured = costmodel.resolve_hardware(cpu, measure=True)
     assert measured["measured"] is True and measured["peak_flops"] != 1e11
+
+
+def test_every_attention_variant_state_and_features():
+    """State bytes per variant vs L (hand computed for TINY: 2 layers, kv_heads 1, head_dim 4, 16-bit KV)."""
+    kv_per_token = 2 * 1 * 4 * 2  # keys + values, one kv head, 4 dims, 2 bytes
+    sink = {"kind": "sink_window", "window": 8, "sinks": 2}
+    block = {"kind": "block_sparse", "block_size": 4, "local_blocks": 2, "global_blocks": 1}
+    topk = {"kind": "topk", "k": 3}
+    lol = {"kind": "lolcats", "window": 8, "feature_map": "hedgehog", "feature_dim": None}
+    for L in (64, 256):
+        assert state_bytes(TINY, sink, L) == 2 * (8 + 2) * kv_per_token
+        assert state_bytes(TINY, block, L) == 2 * 12 * kv_per_token
+        assert state_bytes(TINY, topk, L) == 2 * L * kv_per_token  # exact top-k keeps every key
+        # window KV + fp32 linear state of 2*4 hedgehog features x 4 dims (+ normaliser)
+        assert state_bytes(TINY, lol, L) == 2 * (8 * kv_per_token + (8 * 4 + 8) * 4)
+    # top-k decode reads every score but only k values: cheaper than softmax, more than a window
+    hw = {"name": "u", "peak_flops": 1.0, "mem_bw": 1e30}
+    soft = estimate(TINY, NONE, SOFTMAX, hw, context_len=512)["decode"]["flops"]
+    assert estimate(TINY, NONE, sink, hw, context_len=512)["decode"]["flops"] < estimate(TINY, NONE, topk, hw, context_len=512)["decode"]["flops"] < soft
+    # feature dims per map
+    assert costmodel.feature_dim({"feature_map": "taylor", "feature_dim": 16}, 4) == 1 + 16 + 136
+    assert costmodel.feature_dim({"feature_map": "hedgehog"}, 4) == 8
+    assert costmodel.feature_dim({"feature_map": "performer"}, 4) == 64
+    assert costmodel.feature_dim({"feature_map": "cosformer"}, 4) == 8
+    # hybrids: auto keeps n_softmax layers (counted as the first ones), a list keeps those
+    assert costmodel.layer_kinds(TINY, {**LINEAR, "keep_softmax": "auto", "n_softmax": 1}) == ["softmax", "linear"]
+    assert costmodel.layer_kinds(TINY, {**LINEAR, "keep_softmax": [1]}) == ["linear", "softmax"]

@@ -124,12 +124,22 @@ def _lora_params(point_cfg: dict) -> int:
 
 
 def attention_params(model_cfg: dict, attention_cfg: dict) -> int:
-    """New parameters a surgery adds: a learned feature map is a head_dim x F matrix per q/kv head."""
-    if attention_cfg.get("kind") != "linear" or not attention_cfg.get("learned_map"):
+    """New parameters a surgery adds (planning estimate): a learned per-head map of the q/k features
+    (head_dim x width, per query head and per kv head; hedgehog/taylor always learn theirs) and
+    LoLCATs' per-head gate; layers kept softmax add nothing."""
+    kind = attention_cfg.get("kind")
+    if kind not in ("linear", "lolcats"):
         return 0
+    fm = attention_cfg.get("feature_map") or ("hedgehog" if kind == "lolcats" else "elu")
     hd = int(model_cfg.get("head_dim") or int(model_cfg["hidden"]) // int(model_cfg["heads"]))
-    f = int(attention_cfg.get("feature_dim") or hd)
-    return int(model_cfg["layers"]) * (int(model_cfg["heads"]) + int(model_cfg["kv_heads"])) * hd * f
+    width = {"hedgehog": attention_cfg.get("feature_dim") or hd, "taylor": attention_cfg.get("feature_dim") or 16}
+    learned = fm in width or bool(attention_cfg.get("learned_map", fm != "performer"))
+    per_layer = (int(model_cfg["heads"]) + int(model_cfg["kv_heads"])) * hd * int(width.get(fm, hd)) if learned else 0
+    if kind == "lolcats":
+        per_layer += int(model_cfg["heads"])
+    keep = attention_cfg.get("keep_softmax")
+    n_keep = int(attention_cfg.get("n_softmax", 1)) if keep == "auto" else len(set(keep or ()))
+    return max(int(model_cfg["layers"]) - n_keep, 0) * per_layer
 
 
 def _act_bits(model_cfg: dict) -> int:
