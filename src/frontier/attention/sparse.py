@@ -142,6 +142,7 @@ def _gather_seq(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 class _SinkWindowPattern:
     window: int
     sinks: int
+    needs_offsets = False  # band_start does not depend on the rows' offsets
 
     @property
     def n_global(self) -> int:
@@ -163,6 +164,7 @@ class _BlockPattern:
     block_size: int
     local_blocks: int
     global_blocks: int
+    needs_offsets = True
 
     @property
     def n_global(self) -> int:
@@ -206,7 +208,7 @@ def _global_local_attention(
     prefix, the global keys of ``k`` before its band and the band ``[band_start, block end)``.
     """
     groups = _check_gqa(q, k, v)
-    B, Hq, Lq, _ = q.shape
+    B, _, Lq, _ = q.shape
     Lk = k.shape[2]
     if Lk < Lq:
         raise ValueError("fewer keys than queries")
@@ -219,7 +221,7 @@ def _global_local_attention(
     if offsets is None:
         offsets = first_valid_offsets(key_valid, B, Lk, dev) + k_start
     offsets = offsets.to(device=dev, dtype=torch.long)
-    off_list = offsets.tolist()
+    off_list = offsets.tolist() if pattern.needs_offsets else []  # (a device sync on GPU)
     n_glob = pattern.n_global
     qbase = k_start + Lk - Lq
     kabs = torch.arange(k_start, k_start + Lk, device=dev)
@@ -530,9 +532,13 @@ class GlobalLocalStateLayer(CacheLayerMixin):
     Size is bounded: ``n_global + lookback`` keys per row whatever the context length.
     ``get_mask_sizes(q) == (q, cumulative_length)``: masks built against this layer cover only the
     new tokens, which is all the module reads from them (their validity).
+
+    ``is_sliding = True`` (as ``LinearStateLayer``): transformers builds the causal mask against the
+    first non-sliding layer, so in a hybrid the mask is sized for the kept softmax layers' keys;
+    this layer reads only the new keys' validity, which any mask covering them provides.
     """
 
-    is_sliding = False
+    is_sliding = True
     is_compileable = False
     is_croppable = False
     supports_early_init = False
@@ -550,7 +556,8 @@ class GlobalLocalStateLayer(CacheLayerMixin):
         self.device = None
 
     def __repr__(self):
-        return f"{self.__class__.__name__}(n_global={self.n_global}, lookback={self.lookback}, tokens={self.cumulative_length})"
+        name = self.__class__.__name__
+        return f"{name}(n_global={self.n_global}, lookback={self.lookback}, tokens={self.cumulative_length})"
 
     def _tensors(self) -> tuple[str, ...]:
         return ("keys", "values", "key_valid", "global_keys", "global_values", "global_valid", "offsets")
