@@ -1,14 +1,17 @@
-"""Attention surgery: swap HF decoder attention for sliding-window or causal linear attention.
+"""Attention surgery: swap HF decoder attention for sparse, linear, LoLCATs or hybrid variants.
 
-Options (``cfg`` is a plain dict):
+Options are the files of ``conf/attention/`` (``OPTIONS``; ``OPTION_DEFAULTS[name]`` reads one);
+a config is a plain dict whose ``kind`` picks the module:
 
-* ``{"name": "softmax", "kind": "softmax"}`` -- model untouched.
-* ``{"name": "sliding_window", "kind": "sliding_window", "window": 64}`` -- softmax over the last
-  ``window`` keys (query included).
-* ``{"name": "linear_elu", "kind": "linear", "feature_map": "elu", "learned_map": True,
-  "chunk_size": 64, "eps": 1e-6}`` -- normalised causal linear attention with
-  phi(x) = elu(x W_h) + 1, W_h learnable per head (per query head for q, per kv head for k),
-  identity at init.
+* ``softmax`` -- model untouched.
+* ``sliding_window`` (:mod:`.modules`), ``sink_window`` / ``block_sparse`` / ``topk``
+  (:mod:`.sparse`) -- softmax over a sparse pattern; bounded caches where the pattern allows.
+* ``linear`` -- normalised causal linear attention with a feature map from :mod:`.featuremaps`
+  (``elu``, ``relu``, ``hedgehog``, ``taylor``, ``performer``, ``cosformer``); chunked O(L)
+  prefill, fixed-size recurrent state for decode.
+* ``lolcats`` (:mod:`.lolcats`) -- window softmax + linear attention mixed by a learned gate.
+* any non-softmax kind with ``keep_softmax`` (a list, or ``"auto"`` resolved by
+  :func:`resolve_keep_softmax` from calibration diagnostics, :mod:`.hybrid`) is a hybrid.
 
 See :mod:`frontier.attention.modules` for how masks, padding and the cache are handled.
 """

@@ -457,7 +457,9 @@ class LinearAttention(FrontierAttention):
             state = layer.get_state()
             start = layer.cumulative_length
         L = q.shape[2]
-        if fm.position_dependent:  # e.g. cosFormer: features need absolute positions, map up front
+        # cosFormer needs absolute positions, and a redrawing Performer must map all keys of a call
+        # with the same features: map up front instead of segment by segment inside the kernel
+        if fm.position_dependent or getattr(fm, "redraw_interval", 0):
             pos = torch.arange(start, start + L, device=q.device)
             fq, fk = fm.forward_q(q, pos), fm.forward_k(k, pos)
             out, new_state = K.linear_attention_prefill(
