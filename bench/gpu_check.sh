@@ -9,13 +9,19 @@
 #   - int8 / w8a8 / gptq / awq / int3 on CUDA, and the int8 KV cache
 # For each option: logits error vs bf16, linear bytes ratio, decode tok/s, roofline fraction against
 # the read bandwidth measured on the GPU, and a safetensors save -> load round trip that must give
-# bit-identical logits. Expected wall time: ~1 min of installs + ~3 min of checks (limit 7 min).
+# bit-identical logits. Then the CUDA attention paths (one Llama-3-8B-shaped layer: 32 heads x 128,
+# 8 kv heads, bf16): prefill at 4k/16k/64k and decode at 4k/64k for SDPA softmax (FlashAttention
+# backend) vs sliding_window, sink_window, block_sparse, linear_elu (flash-linear-attention's
+# chunk_linear_attn when `fla` imports, else the PyTorch chunked kernel), hedgehog and lolcats, plus
+# fla-vs-PyTorch agreement of the linear prefill -> "attention" in the same JSON.
+# Expected wall time: ~1 min of installs + ~3 min quant + ~2 min attention (limits 7 + 3 min).
 #
 # Prepare on the CPU machine, in the repo root (wheels for the device image's Python 3.12; .whl/ is
 # git-ignored; ~60 MB, under the 64 MiB the device tool carries):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
 #     --platform manylinux2014_x86_64 -d .whl torchao==0.18.0 bitsandbytes==0.50.2 transformers==5.24.0
+#   python3 -m pip download --no-deps -d .whl flash-linear-attention   # pure Python + Triton (optional)
 # Run with the device tool:  run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=480)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -225,5 +231,112 @@ print(json.dumps(res["checks"], indent=1))
 sys.exit(0 if all(res["checks"].values()) and not res["errors"] else 1)
 PY
 rc=$?
+
+timeout 180 python3 - "$OUTFILE" <<'PY'
+import json, statistics, sys, time, traceback
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from frontier.attention import HAS_FLA, OPTION_DEFAULTS, linear_attention_prefill, swap_attention
+
+out_path = sys.argv[1]
+try:
+    res = json.load(open(out_path))
+except Exception:  # noqa: BLE001
+    res = {"checks": {}, "errors": {}}
+att = res["attention"] = {"has_fla": HAS_FLA, "prefill_ms": {}, "decode_ms": {}, "errors": {}}
+H, HEADS, KV, HD = 4096, 32, 8, 128
+LENS, DEC = [4096, 16384, 65536], [4096, 65536]
+sized = {"window": 4096, "block_size": 1024}
+OPTS = ["softmax", "sliding_window", "sink_window", "block_sparse", "linear_elu", "hedgehog", "lolcats"]
+
+
+def save():
+    json.dump(res, open(out_path, "w"), indent=2, default=str)
+
+
+def layer(opt):
+    cfg = LlamaConfig(hidden_size=H, intermediate_size=64, num_hidden_layers=1, num_attention_heads=HEADS,
+                      num_key_value_heads=KV, head_dim=HD, vocab_size=128, max_position_embeddings=max(LENS) + 64,
+                      attn_implementation="sdpa")
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    c = OPTION_DEFAULTS[opt]
+    c.update({k: v for k, v in sized.items() if k in c})
+    swap_attention(m, c)
+    return m, m.model.layers[0].self_attn, m.model.rotary_emb
+
+
+def timed(fn, reps=3):
+    fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        ts.append((time.perf_counter() - t) * 1e3)
+    return round(statistics.median(ts), 3)
+
+
+t0 = time.time()
+with torch.inference_mode():
+    for opt in OPTS:
+        try:
+            m, attn, rot = layer(opt)
+            att["prefill_ms"][opt], att["decode_ms"][opt] = {}, {}
+            for L in LENS:
+                h = torch.randn(1, L, H, device="cuda", dtype=torch.bfloat16)
+                pe = rot(h, torch.arange(L, device="cuda")[None])
+                att["prefill_ms"][opt][str(L)] = timed(lambda: attn(h, position_embeddings=pe, attention_mask=None))
+                if L in DEC:
+                    cache = DynamicCache(config=m.config)
+                    attn(h, position_embeddings=pe, cache=cache)
+                    x = torch.randn(1, 1, H, device="cuda", dtype=torch.bfloat16)
+                    pos = [rot(x, torch.tensor([[L + i]], device="cuda")) for i in range(20)]
+                    ts = []
+                    for i in range(20):
+                        torch.cuda.synchronize()
+                        t = time.perf_counter()
+                        attn(x, position_embeddings=pos[i], cache=cache)
+                        torch.cuda.synchronize()
+                        ts.append((time.perf_counter() - t) * 1e3)
+                    att["decode_ms"][opt][str(L)] = round(statistics.median(ts[4:]), 4)
+                del h, pe
+            del m, attn
+            torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001
+            att["errors"][opt] = traceback.format_exc()[-1500:]
+        save()
+    # the fla kernel and the PyTorch chunked kernel agree (fp32 features, GQA, an initial state)
+    try:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.rand(1, HEADS, 4096, HD, device="cuda", generator=g)
+        k = torch.rand(1, KV, 4096, HD, device="cuda", generator=g)
+        v = torch.randn(1, KV, 4096, HD, device="cuda", generator=g)
+        a, sa = linear_attention_prefill(q, k, v, use_fla=True)
+        b, sb = linear_attention_prefill(q, k, v, use_fla=False)
+        att["fla_vs_torch_max_abs"] = float((a - b).abs().max())
+        att["fla_vs_torch_state_rel"] = float((sa[0] - sb[0]).norm() / sb[0].norm())
+        if HAS_FLA:
+            res["checks"]["attention.fla_matches_torch"] = att["fla_vs_torch_max_abs"] < 1e-3
+    except Exception:  # noqa: BLE001
+        att["errors"]["fla_vs_torch"] = traceback.format_exc()[-1500:]
+soft = att["prefill_ms"].get("softmax", {}).get("65536")
+lin = att["prefill_ms"].get("linear_elu", {}).get("65536")
+if soft and lin:
+    att["speedup_linear_vs_softmax_64k"] = round(soft / lin, 2)
+for opt in ("sliding_window", "linear_elu", "lolcats"):
+    d = att["decode_ms"].get(opt, {})
+    if "4096" in d and "65536" in d:
+        res["checks"][f"attention.{opt}.decode_64k_over_4k<1.5"] = d["65536"] / d["4096"] < 1.5
+res["checks"]["attention.all_options_ran"] = not att["errors"]
+att["wall_s"] = round(time.time() - t0, 1)
+save()
+print(json.dumps({k: v for k, v in res["checks"].items() if k.startswith("attention")}, indent=1))
+sys.exit(0 if not att["errors"] else 1)
+PY
+rc2=$?
 if [ -n "${OUT:-}" ] && [ -f "$OUTFILE" ]; then cp "$OUTFILE" "$OUT/gpu.json"; fi
-exit $rc
+[ $rc -eq 0 ] && [ $rc2 -eq 0 ]
