@@ -104,3 +104,90 @@ def test_cli_plan_fails_early_and_writes_nothing(tmp_path):
     assert r.returncode == 2
     assert "attention.windw" in r.stderr and "window" in r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ quant.when: pre | post
+def test_quant_when_pre_and_post_in_one_sweep_share_prefixes():
+    p = grid.plan(["sweep=demo", "quant=int8,int4_g32", "quant.when=pre,post", "attention=softmax,linear_elu",
+                   "finetune=none,lolcats"])
+    by = {(pt.choices["quant"], pt.cfg["quant"]["when"], pt.choices["attention"], pt.choices["finetune"]): pt
+          for pt in p.points}
+    assert len(by) == len(p.points) == 12            # 2 quant x 2 orders x 3 (attention, finetune); softmax+lolcats excluded
+    pre, post = by[("int8", "pre", "linear_elu", "lolcats")], by[("int8", "post", "linear_elu", "lolcats")]
+    ft = pre.components[3]
+    # pre: base → quantize → surgery → finetune → evaluate (today's layout)
+    assert pre.stages == grid.STAGES and pre.point_id == f"tiny/int8/linear_elu/{ft}/default"
+    assert pre.ckpt_dir("finetune") == f"work/tiny/int8/linear_elu/{ft}/_ckpt"
+    # post: base → surgery → finetune → quantize → evaluate; the quant slot is `none` and the
+    # post-quantize dir follows the finetune dir
+    assert post.stages == grid.POST_STAGES and post.trivial("quant") and not post.trivial("post_quant")
+    assert post.point_id == f"tiny/none/linear_elu/{ft}/int8~when=post/default"
+    assert post.ckpt_dir("attention") == "work/tiny/none/linear_elu/_ckpt"
+    assert post.ckpt_dir("finetune") == f"work/tiny/none/linear_elu/{ft}/_ckpt"          # parent of the quantize job
+    assert post.ckpt_dir("post_quant") == f"work/tiny/none/linear_elu/{ft}/int8~when=post/_ckpt"  # parent of evaluate
+    assert post.metrics_path() == f"work/tiny/none/linear_elu/{ft}/int8~when=post/default/metrics.json"
+    soft = by[("int4_g32", "post", "softmax", "none")]     # nothing to fine-tune: the post-quantize parent is the base
+    assert soft.ckpt_dir("finetune") == "work/tiny/_ckpt" and soft.point_id == "tiny/none/softmax/none/int4_g32~when=post/default"
+    jobs = p.jobs()
+    # shared prefix: the int8 and int4_g32 post points fine-tune once, on the unquantized base
+    assert by[("int4_g32", "post", "linear_elu", "lolcats")].stage_dir("finetune") == post.stage_dir("finetune")
+    assert sorted(jobs["finetune"]) == sorted([f"work/tiny/{q}/linear_elu/{ft}" for q in ("int8", "int4_g32", "none")])
+    assert sorted(jobs["surgery"]) == [f"work/tiny/{q}/linear_elu" for q in ("int4_g32", "int8", "none")]
+    # quantize: 2 pre (of the base) + 2 quant x 3 post parents (base, surgery, finetune)
+    assert len(jobs["quantize"]) == 8 and {"work/tiny/int8", "work/tiny/int4_g32"} <= set(jobs["quantize"])
+    assert p.job_counts() == {"base": 1, "quantize": 8, "surgery": 3, "finetune": 3, "evaluate": 12}
+    for pt in p.points:
+        assert grid.stage_config(pt, "post_quant" if pt.cfg["quant"]["when"] == "post" else "quant")["quant"]["when"] \
+            == pt.cfg["quant"]["when"]
+
+
+def test_post_points_share_surgery_and_finetune_with_unquantized_points():
+    p = grid.plan(["sweep=demo", "quant=int8", "quant.when=post", "attention=linear_elu", "finetune=lolcats"])
+    q = grid.plan(["sweep=demo", "quant=none", "attention=linear_elu", "finetune=lolcats"])
+    assert set(p.jobs()["finetune"]) == set(q.jobs()["finetune"])
+    assert set(p.jobs()["surgery"]) == set(q.jobs()["surgery"])
+    # the explicit default `quant.when=pre` is not part of any path
+    r = grid.plan(["sweep=demo", "quant=int8", "quant.when=pre", "finetune=none"])
+    assert all(pt.components[1] == "int8" for pt in r.points)
+
+
+def test_post_with_quant_none_fails_naming_quant_when_and_an_exclude_rule_drops_it(monkeypatch):
+    with pytest.raises(C.ConfigError) as e:
+        grid.plan(["sweep=demo", "quant=none,int8", "quant.when=pre,post"])
+    assert e.value.key == "quant.when" and "exclude" in str(e.value)
+    real = C.compose
+
+    def compose(choices):
+        cfg = real(choices)
+        cfg["sweep"]["exclude"] = [*cfg["sweep"]["exclude"], {"quant": "none", "quant.when": "post"}]
+        return cfg
+
+    monkeypatch.setattr(C, "compose", compose)
+    p = grid.plan(["sweep=demo", "quant=none,int8", "quant.when=pre,post", "attention=softmax", "finetune=none"])
+    assert sorted(pt.point_id for pt in p.points) == ["tiny/int8/softmax/none/default", "tiny/none/softmax/none/default",
+                                                      "tiny/none/softmax/none/int8~when=post/default"]
+
+
+def test_post_lifts_the_quantized_base_restrictions_of_finetuning():
+    # full fine-tuning trains every weight: impossible over a frozen quantized base (pre), fine before post quantization
+    with pytest.raises(C.ConfigError) as e:
+        grid.plan(["sweep=demo", "quant=int8", "attention=linear_elu", "finetune=full"])
+    assert e.value.key == "finetune.method"
+    p = grid.plan(["sweep=demo", "quant=int8", "quant.when=post", "attention=linear_elu", "finetune=full",
+                   "finetune.zero_stage=3"])
+    assert [pt.point_id for pt in p.points] == ["tiny/none/linear_elu/full~zero_stage=3/int8~when=post/default"]
+    with pytest.raises(C.ConfigError) as e:
+        grid.plan(["sweep=demo", "quant.when=later"])
+    assert e.value.key == "quant.when" and "pre, post" in str(e.value)
+
+
+def test_quant_sweep_covers_every_option_but_fp8_on_cpu():
+    p = grid.plan(["sweep=quant"], cuda_available=False)
+    assert {pt.choices["quant"] for pt in p.points} == set(C.group_options("quant")) - {"fp8"}
+    assert {(pt.choices["model"], pt.choices["attention"], pt.choices["finetune"]) for pt in p.points} == {
+        ("tiny", "softmax", "none")}
+    assert p.job_counts()["quantize"] == len(p.points) - 1   # none is not a job
+    with pytest.raises(C.ConfigError) as e:                 # fp8 on the command line, without CUDA: rejected, why
+        grid.plan(["sweep=quant", "quant=glob(*)"], cuda_available=False)
+    assert e.value.key == "quant.method" and "fp8" in str(e.value) and "CUDA" in str(e.value)
+    assert "fp8" in {pt.choices["quant"] for pt in grid.plan(["sweep=quant", "quant=glob(*)"], cuda_available=True).points}

@@ -389,3 +389,92 @@ def test_int8_kv_cache_decodes_close_to_fp_cache_in_a_fraction_of_the_bytes(dtyp
     assert cache.get_seq_length() == 64
     got = kvcache.cache_bytes(cache) / kvcache.cache_bytes(fp_cache)
     assert ratio < got < ratio * 1.15, got  # codes + one fp32 scale per token and head
+
+
+# ------------------------------------------------------------------ quant.when: post, end to end
+POST_SWEEP = ("model=micro eval=quick quant=int4_g32 quant.when=pre,post attention=linear_elu finetune=lolcats "
+              "data.max_mb=0.3 finetune.nproc=1 finetune.zero_stage=0 finetune.transfer.steps=2 finetune.lora.steps=2 "
+              "finetune.transfer.seq_len=64 finetune.lora.seq_len=64 finetune.transfer.micro_batch=2 "
+              "finetune.lora.micro_batch=2 finetune.lora.lr=0.01 "
+              "finetune.lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]")
+
+
+@pytest.fixture(scope="module")
+def pre_post_sweep(tmp_path_factory):
+    """Both quantization orders in one Snakemake run on the micro model (int4_g32, linear_elu,
+    lolcats with 2+2 steps, one process): pre = base → quantize → surgery → finetune → evaluate,
+    post = base → surgery → finetune → quantize → evaluate. Every job is its own process."""
+    from conftest import snakemake
+
+    wd = tmp_path_factory.mktemp("pre_post")
+    snakemake(wd, "--cores", "2", "--config", "sweep=quant", f"overrides={POST_SWEEP}", "--show-failed-logs")
+    return wd
+
+
+@pytest.mark.slow
+def test_pre_and_post_quantization_run_end_to_end_and_are_told_apart(pre_post_sweep):
+    import pyarrow.parquet as pq
+
+    wd = pre_post_sweep
+    runs = {r["cfg.quant.when"]: r for r in pq.read_table(wd / "results" / "quant" / "runs.parquet").to_pylist()}
+    assert set(runs) == {"pre", "post"} and all(r["status"] == "ok" for r in runs.values()), runs
+    pre, post = runs["pre"], runs["post"]
+    assert pre["quant"] == post["quant"] == "int4_g32" and pre["family"] == post["family"] == "combined"
+    m, _, a, ft, e = pre["point_id"].split("/")
+    assert pre["point_id"] == f"{m}/int4_g32/{a}/{ft}/{e}"
+    assert post["point_id"] == f"{m}/none/{a}/{ft}/int4_g32~when=post/{e}"
+    for r in (pre, post):
+        assert math.isfinite(r["ppl"]) and r["ppl"] > 1
+    # post: the adapters are merged into the int4 weights (6 effective bits); pre keeps them as fp32 branches
+    assert post["effective_bits"] == pytest.approx(6.0, abs=0.01) and pre["effective_bits"] > 6.5
+    assert post["weight_bytes"] < pre["weight_bytes"]
+    # the finetune checkpoint of the post point is the unquantized one (the quant=none dir)
+    work = wd / "work" / m
+    assert (work / "none" / a / ft / "_ckpt" / "manifest.json").exists()
+    assert (work / "int4_g32" / a / ft / "_ckpt" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_post_quantized_finetuned_model_loads_in_a_fresh_process(pre_post_sweep):
+    """The post-quantize checkpoint: parent = the finetune checkpoint, `when: post` in the manifest,
+    LoRA merged before quantizing (stored weights = quantized(W + B·A·s), bit for bit), and the chain
+    base → surgery → finetune → quantize reloads in this (fresh) process to a model without LoRA
+    branches whose int4 kernel linears give the evaluated model."""
+    import torch.nn.functional as F
+    from torchao.quantization import quantize_
+
+    post_dir = next((pre_post_sweep / "work").rglob("int4_g32~when=post/_ckpt"))
+    ft_dir = post_dir.parent.parent / "_ckpt"
+    m = ck.read_manifest(post_dir)
+    assert m["stage"] == "quantize" and (post_dir / m["parent"]).resolve() == ft_dir.resolve()
+    qm = m["quant"]
+    assert qm["when"] == "post" and m["config"]["quant"]["when"] == "post"
+    assert qm["parent_stages"] == ["base", "surgery", "finetune"] and qm["lora_merged_layers"] == 14
+    assert qm["tensor_types"] == {"Int4OpaqueTensor": 14} and qm["storage"] == "kernel"
+
+    lp = ck.load_point(post_dir)
+    assert [x["stage"] for x in lp.manifests] == ["base", "surgery", "finetune", "quantize"]
+    assert not Q.lora_layers(lp.model) and not any(".lora_" in n for n, _ in lp.model.named_parameters())
+    assert any(".feature_map." in n for n, _ in lp.model.named_parameters())   # the surgery's, trained, kept fp32
+    ft = ck.load_point(ft_dir).model                                            # fp32 + LoRA adapters
+    layers = dict(Q.lora_layers(ft))
+    assert len(layers) == 14
+    changed = 0
+    for name, lay in layers.items():
+        a, b, s = lay.lora_A["default"].weight, lay.lora_B["default"].weight, lay.scaling["default"]
+        changed += int(b.abs().max() > 0)
+        dense = lay.get_base_layer().weight.detach() + (b @ a) * s          # merged by hand
+        lin = nn.Linear(dense.shape[1], dense.shape[0], bias=False)
+        lin.weight.data.copy_(dense)
+        quantize_(lin, Q.torchao_config(m["config"]["quant"]))
+        stored = lp.model.get_submodule(name).weight
+        assert type(stored).__name__ == "Int4OpaqueTensor"
+        x = torch.randn(5, dense.shape[1], generator=torch.Generator().manual_seed(0))
+        assert torch.equal(F.linear(x, stored), lin(x)), name
+    assert changed == 14   # the adapters trained: merging them changed every weight
+    ids = torch.arange(3, 67).unsqueeze(0)
+    with torch.no_grad():
+        logits = lp.model(ids).logits
+        ref = ft(ids).logits
+    assert torch.isfinite(logits).all()
+    assert (logits - ref).abs().max() < 0.5 * ref.abs().max()    # int4 error, not a different model

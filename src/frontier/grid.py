@@ -9,6 +9,13 @@ A point's stages form a chain: base → quantize → surgery → finetune → ev
 has a path component (the option name plus a slug of the value overrides that touch it);
 points that share a prefix share the job. Trivial stages (quant none, softmax attention,
 no fine-tuning) write nothing: the next stage loads the nearest real parent.
+
+`quant.when: post` moves quantization after fine-tuning: base → surgery → finetune →
+quantize → evaluate. Such a point's path keeps the five components with the quant slot
+`none` (its surgery and fine-tuning run on the unquantized base, so they are the very jobs
+of the `quant=none` points and shared with them) and adds the post-quantize component after
+the finetune one: `work/<model>/none/<attention>/<finetune>/<quant>~when=post/<eval>/`.
+`quant.when` itself is never part of a slug otherwise (`when=pre` is the default layout).
 """
 from __future__ import annotations
 
@@ -23,8 +30,11 @@ from typing import Any, Iterable, Optional
 from . import config as C
 
 STAGES = ("model", "quant", "attention", "finetune", "eval")
+# the path of a `quant.when: post` point: the quantize stage follows the finetune stage
+POST_STAGES = ("model", "quant", "attention", "finetune", "post_quant", "eval")
 # stage key in the path → name of the pipeline stage that produces its checkpoint
-PIPELINE = {"model": "base", "quant": "quantize", "attention": "surgery", "finetune": "finetune", "eval": "evaluate"}
+PIPELINE = {"model": "base", "quant": "quantize", "attention": "surgery", "finetune": "finetune",
+            "post_quant": "quantize", "eval": "evaluate"}
 MAX_COMPONENT = 64
 
 
@@ -33,11 +43,16 @@ class Point:
     point_id: str
     choices: dict            # stage → option name
     overrides: dict          # dotted key → value (value overrides only)
-    components: tuple        # path components, one per stage in STAGES
+    components: tuple        # path components, one per stage in self.stages
     cfg: dict                # resolved, validated config
 
+    @property
+    def stages(self) -> tuple:
+        """The path's stage keys in chain order: STAGES, or POST_STAGES for `quant.when: post`."""
+        return POST_STAGES if quant_when(self.cfg) == "post" else STAGES
+
     def stage_dir(self, stage: str, work_dir: str = "work") -> str:
-        i = STAGES.index(stage)
+        i = self.stages.index(stage)
         return "/".join([work_dir, *self.components[: i + 1]])
 
     def trivial(self, stage: str) -> bool:
@@ -45,8 +60,8 @@ class Point:
 
     def ckpt_dir(self, stage: str, work_dir: str = "work") -> str:
         """Checkpoint dir that a stage's successor loads: the nearest non-trivial stage at or above `stage`."""
-        i = STAGES.index(stage)
-        for s in reversed(STAGES[: i + 1]):
+        i = self.stages.index(stage)
+        for s in reversed(self.stages[: i + 1]):
             if s == "model" or not self.trivial(s):
                 return f"{self.stage_dir(s, work_dir)}/_ckpt"
         raise AssertionError
@@ -55,9 +70,15 @@ class Point:
         return f"{self.stage_dir('eval', work_dir)}/metrics.json"
 
 
+def quant_when(cfg: dict) -> str:
+    return cfg["quant"].get("when", "pre")
+
+
 def is_trivial(stage: str, cfg: dict) -> bool:
-    if stage == "quant":
-        return cfg["quant"]["method"] == "none"
+    if stage == "quant":    # the quantize stage before surgery (quant.when: pre)
+        return cfg["quant"]["method"] == "none" or quant_when(cfg) == "post"
+    if stage == "post_quant":  # the quantize stage after fine-tuning (quant.when: post)
+        return cfg["quant"]["method"] == "none" or quant_when(cfg) != "post"
     if stage == "attention":
         return cfg["attention"]["kind"] == "softmax"
     if stage == "finetune":
@@ -76,7 +97,7 @@ class Plan:
         """Unique jobs per pipeline stage after prefix sharing: {stage: {stage_dir: stage_cfg}}."""
         out: dict = {PIPELINE[s]: {} for s in STAGES}
         for p in self.points:
-            for s in STAGES:
+            for s in p.stages:
                 if s != "eval" and s != "model" and p.trivial(s):
                     continue
                 out[PIPELINE[s]].setdefault(p.stage_dir(s, self.globals["work_dir"]), p)
@@ -266,10 +287,18 @@ def plan(cli_overrides: Iterable[str] = (), *, cuda_available: Optional[bool] = 
             C.validate_point(cfg, cuda_available=cuda_available)
             validated[fp] = True
         names = {s: cfg[s]["name"] for s in STAGES}
+        post = quant_when(cfg) == "post"
         comps = []
-        for s in STAGES:
-            own = {k: v for k, v in overrides.items() if C.STAGE_OF_KEY.get(k.split(".", 1)[0]) == s}
-            comps.append(component(names[s], own))
+        for s in (POST_STAGES if post else STAGES):
+            group = "quant" if s == "post_quant" else s
+            own = {k: v for k, v in overrides.items()
+                   if C.STAGE_OF_KEY.get(k.split(".", 1)[0]) == group and k != "quant.when"}
+            if s == "quant" and post:     # surgery and fine-tuning run unquantized: the quant=none dirs
+                comps.append("none")
+            elif s == "post_quant":
+                comps.append(component(names["quant"], {**own, "quant.when": "post"}))
+            else:
+                comps.append(component(names[group], own))
         pid = "/".join(comps)
         if pid in seen_ids:
             continue
@@ -307,11 +336,13 @@ def stage_config(point: Point, stage: str) -> dict:
     cfg = point.cfg
     if stage == "model":
         return {"model": cfg["model"], "data": cfg["data"]}
-    if stage == "quant":  # calibrated methods draw their samples from the sweep's data
+    if stage in ("quant", "post_quant"):  # calibrated methods draw their samples from the sweep's data
         if cfg["quant"]["method"] in ("gptq", "awq"):
             return {"quant": cfg["quant"], "data": cfg["data"]}
         return {"quant": cfg["quant"]}
-    if stage == "attention":
+    if stage == "attention":  # keep_softmax: auto chooses layers on calibration text from the sweep's data
+        if cfg["attention"].get("keep_softmax") == "auto":
+            return {"attention": cfg["attention"], "data": cfg["data"]}
         return {"attention": cfg["attention"]}
     if stage == "finetune":
         return {"finetune": cfg["finetune"], "data": cfg["data"]}

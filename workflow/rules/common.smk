@@ -21,18 +21,24 @@ config["_work_dir"] = WORK
 print(grid.format_plan(PLAN, max_rows=0), file=sys.stderr)
 
 
+# Wildcards of each stage's path. quantize_post / evaluate_post serve the points with
+# `quant.when: post` (base → surgery → finetune → quantize → evaluate), whose post-quantize
+# dir follows the finetune dir: work/<model>/none/<attention>/<finetune>/<quant>~when=post/<eval>.
 STAGE_KEYS = {"base": ("model",), "quantize": ("model", "quant"),
               "surgery": ("model", "quant", "attention"),
               "finetune": ("model", "quant", "attention", "finetune"),
-              "evaluate": ("model", "quant", "attention", "finetune", "eval")}
+              "quantize_post": ("model", "quant", "attention", "finetune", "post_quant"),
+              "evaluate": ("model", "quant", "attention", "finetune", "eval"),
+              "evaluate_post": ("model", "quant", "attention", "finetune", "post_quant", "eval")}
 GRID_STAGE = {"base": "model", "quantize": "quant", "surgery": "attention", "finetune": "finetune",
-              "evaluate": "eval"}
+              "quantize_post": "post_quant", "evaluate": "eval", "evaluate_post": "eval"}
+PIPELINE_STAGE = {"quantize_post": "quantize", "evaluate_post": "evaluate"}  # JOBS / resources stage of a rule
 
 
 def point_of(stage, wildcards):
     key = "/".join([WORK, *(wildcards[k] for k in STAGE_KEYS[stage])])
     try:
-        return JOBS[stage][key]
+        return JOBS[PIPELINE_STAGE.get(stage, stage)][key]
     except KeyError:
         raise ValueError(f"{key} is not a {stage} job of sweep {PLAN.sweep}") from None
 
@@ -44,12 +50,13 @@ def stage_cfg(stage):
 
 def parent_manifest(stage):
     """Input: manifest of the nearest non-trivial parent checkpoint."""
-    upstream = {"quantize": "model", "surgery": "quant", "finetune": "attention", "evaluate": "finetune"}[stage]
+    upstream = {"quantize": "model", "surgery": "quant", "finetune": "attention", "quantize_post": "finetune",
+                "evaluate": "finetune", "evaluate_post": "post_quant"}[stage]
     return lambda w: os.path.join(point_of(stage, w).ckpt_dir(upstream, WORK), "manifest.json")
 
 
-def point_param(field):
-    return lambda w: getattr(point_of("evaluate", w), field)
+def point_param(field, stage="evaluate"):
+    return lambda w: getattr(point_of(stage, w), field)
 
 
 def collect_outputs():
@@ -70,7 +77,8 @@ def _job_resources(stage, wildcards, attempt):
     point = PLAN.points[0] if stage == "collect" else point_of(stage, wildcards)
     key = (stage, point.point_id if stage != "collect" else "", attempt)
     if key not in _RESOURCE_CACHE:
-        _RESOURCE_CACHE[key] = frontier_resources.rule_resources(stage, point.cfg, PLAN.globals["resources"], attempt)
+        _RESOURCE_CACHE[key] = frontier_resources.rule_resources(PIPELINE_STAGE.get(stage, stage), point.cfg,
+                                                                 PLAN.globals["resources"], attempt)
     return _RESOURCE_CACHE[key]
 
 

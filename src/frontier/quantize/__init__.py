@@ -22,8 +22,17 @@ width and dequantized to the activation dtype inside each forward (no kernel exi
 
 The checkpoint stores only the quantized weights: `quantized.safetensors` where the tensor
 types allow (see `storage`), else `quantized.pt` read with `torch.load(weights_only=True)`.
-The manifest states method, bits, group size, symmetry, format, storage/kernel and the
+The manifest states method, bits, group size, symmetry, format, storage/kernel, `when` and the
 effective bits per weight including scales and zero points.
+
+`quant.when` (`frontier.grid`): `pre` (default) quantizes the base, and surgery and fine-tuning
+run on the frozen quantized weights (QLoRA-style). `post` quantizes the fine-tuned model: the
+parent chain is base → [surgery] → [finetune]; LoRA adapters (peft layers injected by the
+finetune stage) are merged into their base weights and unloaded first, so the quantized
+linears carry the adapters' update and the evaluated model has no LoRA branch left. The new
+attention parameters of a surgery (feature maps) are not `nn.Linear`s and stay in the model
+dtype, as with `pre`. On load, `apply_delta` unloads the adapters without merging (the stored
+weights already contain them) and puts the quantized weights in.
 """
 from __future__ import annotations
 
@@ -64,6 +73,33 @@ def _linears(model):
 def _set_module(model, fqn: str, new) -> None:
     parent, _, child = fqn.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def lora_layers(model) -> list:
+    """[(module name, peft LoRA layer)] of adapters injected by the finetune stage."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except Exception:  # noqa: BLE001 - peft absent: nothing can have been injected
+        return []
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def unload_lora(model, *, merge: bool) -> int:
+    """Replace every peft LoRA layer by its base `nn.Linear`; with `merge`, first add the
+    adapters' update (B·A·scale) to the base weight (which must not be quantized). Returns the
+    number of layers unloaded."""
+    import torch
+
+    layers = lora_layers(model)
+    for name, mod in layers:
+        if merge:
+            w = mod.get_base_layer().weight
+            if type(w) not in (torch.Tensor, torch.nn.Parameter):
+                raise ValueError(f"{name}: cannot merge LoRA into a quantized weight ({type(w).__name__}); "
+                                 "quant.when: post expects an unquantized fine-tuned model")
+            mod.merge(safe_merge=True)
+        _set_module(model, name, mod.get_base_layer())
+    return len(layers)
 
 
 def torchao_config(q: dict, device: str = "cpu"):
@@ -174,6 +210,9 @@ def run(cfg: dict, parent: Path, out_dir: Path, *, tracking_cfg: Optional[dict] 
     with tracking.run(tracking_cfg, job_type="quantize", group=sweep, name=name or q["name"], config=cfg,
                       work_dir=work_dir) as wb:
         lp = checkpoint.load_point(parent, device=device)
+        when = q.get("when", "pre")
+        parents = [m["stage"] for m in lp.manifests]   # pre: [base]; post: [base, surgery?, finetune?]
+        merged = unload_lora(lp.model, merge=True)  # post: fold the fine-tuned adapters into the weights
         calib, calib_info = None, None
         if method in CALIBRATED:
             from .calibrated import calibration_ids
@@ -191,6 +230,7 @@ def run(cfg: dict, parent: Path, out_dir: Path, *, tracking_cfg: Optional[dict] 
 
             saved = storage.save(quantized_weights(lp.model), tmp)
             return {"quant": {"device": device, "method": method, "option": q.get("name"), "bits": q["bits"],
+                              "when": when, "parent_stages": parents, "lora_merged_layers": merged,
                               "group_size": q.get("group_size"), "symmetric": bool(q.get("symmetric", False)),
                               "kv_bits": int(q.get("kv_bits", 16)), "library": LIBRARY.get(method),
                               "format": saved["format"], "files_written": saved["files"],
@@ -211,6 +251,7 @@ def apply_delta(model, ckpt_dir: Path, manifest: dict):
     from .tensors import PackedIntxTensor  # noqa: F401  (safe globals for weights_only loading)
 
     weights = storage.load(Path(ckpt_dir))
+    unload_lora(model, merge=False)  # when: post — the stored weights already contain the merged adapters
     expected = {name for name, _ in _linears(model)}
     if set(weights) != expected:
         missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
