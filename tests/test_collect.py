@@ -275,3 +275,20 @@ def test_report_robust_without_recall_or_costs(tmp_path):
     assert (out / "report.html").exists() is False
     assert report.write_html(out).exists()
     assert pq.read_table(out / "crossover.parquet").num_rows == 0
+
+
+def test_run_row_carries_hybrid_layer_choice_and_diagnostics():
+    import json as _json
+
+    from frontier.collect import run_row
+
+    diag = {"entropy": [0.6, 0.7], "sink_mass": [0.1, 0.05], "massive": [5.0, 9.0], "score": [0.3, 0.6],
+            "keep_softmax": [1]}
+    m = {"point_id": "tiny/none/hybrid/none/default", "choices": {"attention": "hybrid"}, "config": {},
+         "attention_layers": {"keep_softmax": [1], "diagnostics": diag}, "quality": {"ppl": 50.0}}
+    row = run_row(m, "s")
+    assert _json.loads(row["attn.keep_softmax"]) == [1]
+    assert _json.loads(row["attn.entropy"]) == [0.6, 0.7] and _json.loads(row["attn.score"]) == [0.3, 0.6]
+    assert "attn.entropy" not in run_row({**m, "attention_layers": {"keep_softmax": [], "diagnostics": None}}, "s") or \
+        run_row({**m, "attention_layers": {"keep_softmax": [], "diagnostics": None}}, "s")["attn.entropy"] is None
+    assert not any(k.startswith("attn.") for k in run_row({**m, "attention_layers": None}, "s"))

@@ -18,7 +18,8 @@ import torch
 from frontier.evaluate import measure, mqar, perplexity, recall, ruler
 
 METRIC_KEYS = {"point_id", "sweep", "status", "reason", "choices", "overrides", "config", "quality",
-               "weight_bytes", "params", "effective_bits", "costs", "versions", "device", "wall_s", "warnings"}
+               "weight_bytes", "params", "effective_bits", "costs", "versions", "device", "wall_s", "warnings",
+               "attention_layers"}
 
 
 # ---------------------------------------------------------------- fixtures

@@ -44,6 +44,8 @@ def _pattern(col: str) -> str | None:
         return "ovr.<key>"
     if col.startswith("cfg."):
         return "cfg.<group>.<key>"
+    if col.startswith("attn."):
+        return "attn.<key>"
     if re.match(r"^.+@\d+$", col):
         return "<metric>@<L>"
     return None

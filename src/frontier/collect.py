@@ -123,11 +123,11 @@ SCHEMAS: dict[str, list[tuple[str, str, str]]] = {
         ("ovr.<key>", "string", "a value override applied to the point, e.g. `ovr.attention.window`; "
                                 "null where it does not apply"),
         ("cfg.<group>.<key>", "string", "the resolved config, flattened: scalars as strings, lists as JSON"),
-        ("attn.keep_softmax", "string", "JSON list of the layers kept softmax (hybrids; `[]` when every layer "
-                                        "was swapped); null for unswapped points"),
-        ("attn.<diagnostic>", "string", "keep_softmax=auto: JSON list per layer of `entropy` (normalised "
-                                        "attention entropy), `sink_mass`, `massive` (max/median |hidden|), "
-                                        "`score` (need for softmax); null otherwise"),
+        ("attn.<key>", "string", "swapped-attention layers, JSON: `attn.keep_softmax` (layers kept softmax; "
+                                 "`[]` when every layer was swapped) and, for keep_softmax=auto, one list per "
+                                 "layer of `attn.entropy` (normalised attention entropy), `attn.sink_mass`, "
+                                 "`attn.massive` (max/median |hidden|), `attn.score` (need for softmax); absent "
+                                 "or null for unswapped points"),
         ("versions", "string", "JSON object {package: version} of the evaluate job"),
         ("config_json", "string", "the full resolved config as JSON (modelled costs are recomputed "
                                   "from it when a later collect merges)"),
