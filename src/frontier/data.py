@@ -156,6 +156,74 @@ def token_splits(tokenizer, data_cfg: dict):
     return encode_documents(tokenizer, train), encode_documents(tokenizer, held)
 
 
+TOKEN_CACHE_VERSION = 1
+TOKEN_CACHE_KEYS = ("corpus", "max_mb", "heldout_fraction", "seed")  # what token_splits depends on
+
+
+def corpus_fingerprint(data_cfg: dict) -> str:
+    """What identifies the corpus' content without reading it: the Python build for the embedded
+    corpus, the files' names, sizes and mtimes for a local one, the id for an HF dataset."""
+    corpus = data_cfg["corpus"]
+    if corpus == "embedded":
+        import sys
+
+        return f"embedded:{sys.version}:{sysconfig.get_paths()['stdlib']}"
+    path = Path(corpus)
+    if path.exists():
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        h = hashlib.sha256()
+        for p in files:
+            st = p.stat()
+            h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        return f"local:{h.hexdigest()}"
+    return f"hf:{corpus}"
+
+
+def token_cache_key(tokenizer, data_cfg: dict) -> str:
+    """Hash of everything `token_splits(tokenizer, data_cfg)` depends on."""
+    import json
+
+    try:
+        tok = tokenizer.backend_tokenizer.to_str()
+    except Exception:  # noqa: BLE001 - a slow tokenizer: its vocabulary
+        tok = json.dumps(sorted(tokenizer.get_vocab().items()))
+    key = {"v": TOKEN_CACHE_VERSION, "tokenizer": hashlib.sha256(tok.encode()).hexdigest(),
+           "eos": tokenizer.eos_token_id, "data": {k: data_cfg.get(k) for k in TOKEN_CACHE_KEYS},
+           "corpus": corpus_fingerprint(data_cfg)}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def cached_token_splits(tokenizer, data_cfg: dict, cache_dir: Optional[Path]):
+    """`token_splits`, through a file cache in `cache_dir` keyed by `token_cache_key` (None: no cache).
+
+    Every fine-tune of a sweep tokenizes the same corpus with the same tokenizer (~2 s for the
+    embedded 3 MB on one core); the first writes `<cache_dir>/tokens-<key>.safetensors`
+    (atomically), the others read it. A cache that cannot be read or written is ignored."""
+    if cache_dir is None:
+        return token_splits(tokenizer, data_cfg)
+    import os
+    import uuid
+
+    from safetensors.torch import load_file, save_file
+
+    path = Path(cache_dir) / f"tokens-{token_cache_key(tokenizer, data_cfg)}.safetensors"
+    if path.exists():
+        try:
+            t = load_file(str(path))
+            return t["train"], t["heldout"]
+        except Exception:  # noqa: BLE001 - unreadable: tokenize again, and rewrite it
+            pass
+    train_ids, held_ids = token_splits(tokenizer, data_cfg)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        save_file({"train": train_ids.contiguous(), "heldout": held_ids.contiguous()}, str(tmp))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return train_ids, held_ids
+
+
 def batches(ids, seq_len: int, batch: int, seed: int, *, tokenizer=None, recall_fraction: float = 0.0,
             rank: int = 0, world: int = 1) -> Iterator:
     """Endless [batch, seq_len] LongTensor batches of random windows of `ids`.

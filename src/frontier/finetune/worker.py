@@ -43,6 +43,7 @@ import os
 import shutil
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Optional
 
@@ -96,6 +97,55 @@ def method_phases(ft: dict) -> tuple:
 
 class StopRequested(SystemExit):
     pass
+
+
+# ------------------------------------------------------------------ frozen quantized linears on CPU
+DENSE_ENV = "FRONTIER_FT_DENSE_MAX_MB"  # cap on the dense copies' size; 0 turns them off
+DENSE_MAX_MB = 2048
+
+
+def _dense_forward(self, x, *args, **kwargs):
+    import torch.nn.functional as F
+
+    return F.linear(x, self._frontier_dense_weight, self.bias)
+
+
+def dense_frozen_linears(model, max_bytes: Optional[int] = None) -> list:
+    """Give every frozen torchao-quantized `nn.Linear` a forward on a cached dequantized copy of its
+    weight (a plain attribute: not a parameter or buffer, so neither DeepSpeed nor the delta sees it).
+
+    torchao's CPU kernels are slow for training-sized inputs: measured on the tiny model (1 thread,
+    512 tokens x 128 -> 128) the packed int4 `_weight_int4pack_mm_for_cpu` takes ~12 ms and the
+    int8 kernel ~6 ms, against ~0.25 ms for the dense matmul; and the int4 backward re-derived the
+    dense weight on every call. The base is frozen, so its dequantized weight is a constant: the
+    function is the quantized model's (the same values, as `lora._dense_weight` reads them from the
+    kernel; outputs agree to float rounding, ~1e-6) and autograd differentiates it natively. The
+    copies cost the unquantized size of those weights, hence the cap (`FRONTIER_FT_DENSE_MAX_MB`,
+    default 2048; 0: off). Used on CPU only (CUDA kernels are fast, and GPU memory is the point of
+    quantizing). Returns the names of the modules switched; idempotent."""
+    import torch
+
+    from .lora import _dense_weight, is_quantized_tensor
+
+    if max_bytes is None:
+        max_bytes = int(float(os.environ.get(DENSE_ENV, DENSE_MAX_MB)) * 2 ** 20)
+    mods = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+            and is_quantized_tensor(getattr(m, "weight", None)) and not m.weight.requires_grad]
+    todo = [(n, m) for n, m in mods if not hasattr(m, "_frontier_dense_weight")]
+
+    def dtype_of(m):
+        dt = getattr(m.weight, "dtype", torch.float32)
+        return dt if dt.is_floating_point else torch.float32
+
+    need = sum(m.in_features * m.out_features * torch.empty((), dtype=dtype_of(m)).element_size() for _, m in todo)
+    if not todo or need > max_bytes:
+        return [n for n, m in mods if hasattr(m, "_frontier_dense_weight")]
+    for _, m in todo:
+        with torch.no_grad():
+            w = _dense_weight(m, dtype_of(m), m.weight.device).detach().contiguous()
+        m._frontier_dense_weight = w
+        m.forward = types.MethodType(_dense_forward, m)
+    return [n for n, _ in mods]
 
 
 # ------------------------------------------------------------------ objectives (DeepSpeed modules)
@@ -169,6 +219,7 @@ class Worker:
         self.run = None
         self.bar = None
         self.patched: list = []
+        self.dense: set = set()  # quantized linears training on their dequantized weight (dense_frozen_linears)
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -256,12 +307,21 @@ class Worker:
             self.phase_steps["transfer"] = int(self.ft["transfer"]["steps"]) * max(1, len(self.blocks))
         self.total_steps = sum(self.phase_steps.values())
         if self.is_main and not (self.work / TOKENS).exists():
-            train_ids, held_ids = self.data.token_splits(tok, self.data_cfg)
+            train_ids, held_ids = self.data.cached_token_splits(tok, self.data_cfg, self.token_cache_dir())
             self.checkpoint.save_tensors({"train": train_ids, "heldout": held_ids}, self.work / TOKENS)
         self.barrier()
         ids = self.checkpoint.load_tensors(self.work / TOKENS)
         self.train_ids, self.held_ids = ids["train"], ids["heldout"]
         torch.manual_seed(int(self.ft["seed"]))
+
+    def token_cache_dir(self) -> Optional[Path]:
+        """`<base _ckpt>.tokens/` beside the chain's base checkpoint: the corpus' token ids, shared by
+        every fine-tune on that base (data.cached_token_splits); None if the chain cannot be read."""
+        try:
+            base_dir = self.checkpoint.chain(self.parent, verify=False)[0][0]
+        except Exception:  # noqa: BLE001
+            return None
+        return base_dir.with_name(base_dir.name + ".tokens")
 
     def check_precision(self, model):
         """bf16 training casts the float parameters; torchao weights keep the dtype they were
@@ -669,9 +729,16 @@ class Worker:
         return sum(1 for p in module.parameters() if hasattr(p, "ds_numel") and p.data.numel() < p.ds_numel)
 
     def _patch(self, model) -> list:
+        """Frozen quantized linears, before a phase trains: (1) `lora.make_frozen_linears_differentiable`
+        (a kernel without autograd gets an input gradient); (2) on CPU, `dense_frozen_linears` (the
+        training forward/backward use the dequantized weight). Returns the names (1) patched, over
+        every model this worker built (a reused model is not patched twice)."""
         from . import lora
 
-        return lora.make_frozen_linears_differentiable(model)
+        names = lora.make_frozen_linears_differentiable(model)
+        if self.device.type == "cpu":
+            self.dense |= set(dense_frozen_linears(model))
+        return sorted(set(self.patched) | set(names))
 
     def zero3_module_calls(self, model) -> int:
         """ZeRO-3 gathers a parameter in its owning module's hooks: before the module's forward, and
@@ -695,14 +762,14 @@ class Worker:
                     continue
                 fq, fk, plain = sub.forward_q, sub.forward_k, sub.forward
 
-                def forward(x, which=None, _fq=fq, _fk=fk, _plain=plain):
-                    if isinstance(which, str):
-                        return _fq(x) if which == "q" else _fk(x)
-                    return _plain(x, which)  # the module's own forward(q, k)
+                def forward(x, which=None, positions=None, _fq=fq, _fk=fk, _plain=plain):
+                    if isinstance(which, str):  # positions: position-dependent maps (cosFormer)
+                        return _fq(x, positions) if which == "q" else _fk(x, positions)
+                    return _plain(x, which, positions)  # the module's own forward(q, k, positions)
 
                 sub.forward = forward
-                sub.forward_q = lambda x, _m=sub: _m(x, "q")
-                sub.forward_k = lambda x, _m=sub: _m(x, "k")
+                sub.forward_q = lambda x, positions=None, _m=sub: _m(x, "q", positions)
+                sub.forward_k = lambda x, positions=None, _m=sub: _m(x, "k", positions)
                 sub._frontier_z3 = True
                 n += 1
         return n
@@ -771,7 +838,7 @@ class Worker:
                 "offload_optimizer": bool(self.ft.get("offload_optimizer", False)),
                 "precision": self.ft["precision"], "device": self.device.type,
                 "backend": self.dist.get_backend(), "resumes": st.get("resumes", 0),
-                "grad_patched_linears": len(self.patched),
+                "grad_patched_linears": len(self.patched), "dense_frozen_linears": len(self.dense),
                 "zero3_partitioned_params": {p: phases[p].get("zero3_partitioned_params") for p in ran},
                 "offload_active": {p: phases[p].get("offload_active") for p in ran},
                 "ds_config": {p: phases[p].get("ds_config") for p in ran},
@@ -876,4 +943,15 @@ def main(argv: Optional[list] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _code = main()
+    # Every file is written and closed, W&B finished, the process group destroyed: skip the
+    # interpreter's teardown of torch/DeepSpeed/transformers (measured ~1-3 s per fine-tune on
+    # 2 cores, between the last log line and torchrun seeing the exit). An exception still
+    # takes the normal path (traceback, status 1).
+    for _stream in (sys.stdout, sys.stderr):
+        try:
+            _stream.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    logging.shutdown()
+    os._exit(_code)
