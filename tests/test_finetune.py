@@ -203,6 +203,10 @@ def test_local_command_and_env():
     env = launch.worker_env({"PATH": "/bin"}, cuda=False, nproc=2)
     assert env["DS_ACCELERATOR"] == "cpu" and env["PYTHONHASHSEED"] == "0"
     assert int(env["OMP_NUM_THREADS"]) >= 1
+    # Snakemake gives the launcher MKL_NUM_THREADS = the job's threads; torch would run that many
+    # threads in each worker process: every BLAS pool gets the per-process share instead
+    smk = launch.worker_env({"PATH": "/bin", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}, cuda=False, nproc=2)
+    assert all(smk[v] == smk["OMP_NUM_THREADS"] == env["OMP_NUM_THREADS"] for v in launch.THREAD_VARS)
     gpu = launch.worker_env({"DS_ACCELERATOR": "cpu"}, cuda=True)
     assert "DS_ACCELERATOR" not in gpu and gpu["OMP_NUM_THREADS"] == "1"
     with pytest.raises(RuntimeError, match="Slurm allocation"):
@@ -273,6 +277,57 @@ def test_lora_trains_through_packed_int4_linears():
     assert all(torch.allclose(grads[False][n], grads[True][n], atol=1e-6) for n in grads[False])
 
 
+def test_dense_frozen_linears_compute_the_quantized_function():
+    """On CPU the worker trains on the frozen quantized linears' dequantized weights (torchao's CPU
+    kernels are slow at training sizes): the same function to float rounding, native autograd."""
+    import torch
+    import torch.nn.functional as F
+    from torchao.quantization import quantize_
+    from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+
+    from frontier.finetune import worker
+
+    model = _tiny_llama()
+    quantize_(model, PrototypeInt4WeightOnlyConfig(group_size=32),
+              filter_fn=lambda m, n: isinstance(m, torch.nn.Linear) and "lm_head" not in n)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.randint(0, 128, (2, 16))
+    ref = logits_of(model, x)
+    assert worker.dense_frozen_linears(copy.deepcopy(model), max_bytes=0) == []  # over the cap: untouched
+    lin = model.model.layers[0].self_attn.o_proj
+    kernel_w = F.linear(torch.eye(64), lin.weight).t()
+    names = worker.dense_frozen_linears(model)
+    assert len(names) == 2 * 7 and worker.dense_frozen_linears(model) == names  # idempotent
+    assert "_frontier_dense_weight" not in dict(model.named_buffers()) and lin.weight.dtype == torch.float32
+    assert torch.equal(lin._frontier_dense_weight, kernel_w)
+    assert (logits_of(model, x) - ref).abs().max().item() < 1e-4
+    h = torch.randn(3, 64, requires_grad=True)
+    lin(h).pow(2).sum().backward()
+    h2 = h.detach().clone().requires_grad_(True)
+    F.linear(h2, kernel_w).pow(2).sum().backward()
+    assert torch.allclose(h.grad, h2.grad, atol=1e-5)
+
+
+def test_token_cache_is_token_splits(micro_base, tmp_path, monkeypatch):
+    """data.cached_token_splits: the same ids as token_splits; the second fine-tune reads the file."""
+    import torch
+
+    from frontier import data
+
+    tok = checkpoint.load_point(micro_base).tokenizer
+    d = data_cfg()
+    train, held = data.token_splits(tok, d)
+    a = data.cached_token_splits(tok, d, tmp_path / "cache")
+    assert torch.equal(a[0], train) and torch.equal(a[1], held)
+    assert len(list((tmp_path / "cache").glob("tokens-*.safetensors"))) == 1
+    monkeypatch.setattr(data, "token_splits", lambda *a, **k: pytest.fail("tokenized again"))
+    b = data.cached_token_splits(tok, d, tmp_path / "cache")
+    assert torch.equal(b[0], train) and torch.equal(b[1], held)
+    other = data.token_cache_key(tok, {**d, "max_mb": 0.2})
+    assert other != data.token_cache_key(tok, d) == data.token_cache_key(tok, {**d, "recall_fraction": 0.9})
+
+
 def test_apply_delta_is_strict(tmp_path):
     import torch
 
@@ -338,6 +393,7 @@ def test_zero2_int4_run_writes_delta_and_transfer_mse_falls(int4_run):
     assert not finetune.resume_dir(out).exists()  # the .work resume dir is gone after success
     assert ft["phases_run"] == ["transfer", "lora"] and ft["world_size"] == 2 and ft["zero_stage"] == 2
     assert ft["backend"] == "gloo" and ft["grad_patched_linears"] == 14  # packed int4 needed the patch
+    assert ft["dense_frozen_linears"] == 14  # CPU: trained on the dequantized weights
     delta = checkpoint.load_tensors(out / "delta.safetensors")
     assert any(".feature_map." in k for k in delta) and any(".lora_A." in k for k in delta)
     assert json.loads((out / "lora.json").read_text())["r"] == 4
@@ -414,7 +470,7 @@ def test_zero3_two_processes(micro_chain, tmp_path):
     blocks = ft["transfer_blocks"]  # block_size null: every layer at once, one block
     assert blocks["block_size"] is None and [b["layers"] for b in blocks["blocks"]] == [[0, 1]]
     assert ft["zero3_partitioned_params"]["transfer"] > 0 and ft["zero3_partitioned_params"]["lora"] > 0
-    assert ft["grad_patched_linears"] == 0
+    assert ft["grad_patched_linears"] == 0 and ft["dense_frozen_linears"] == 0
     assert all(b < a for a, b in zip(ft["transfer_mse"]["first"], ft["transfer_mse"]["last"]))
     reload_matches_trained(out, debug, parent)  # ZeRO-3 partitions were gathered for the export
 

@@ -15,6 +15,9 @@ what was trained (`delta.safetensors`: feature maps, LoRA A/B, or every weight f
 
 Files next to the final `_ckpt` while running: `_ckpt.work/` (spec, token cache, DeepSpeed
 resume checkpoints, the step log), removed after success; a rerun after a kill resumes there.
+The corpus' token ids are also kept beside the chain's base checkpoint (`<base _ckpt>.tokens/`,
+keyed by tokenizer, data config and corpus; `data.cached_token_splits`), so the fine-tunes of a
+sweep tokenize it once.
 """
 from __future__ import annotations
 

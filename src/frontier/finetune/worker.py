@@ -29,6 +29,10 @@ trajectory is the one of an uninterrupted run. A finished phase leaves its train
 in `<phase>_final.safetensors`. `FRONTIER_FT_STOP_AFTER=<global step>` makes every rank exit
 with status 3 right after the checkpoint of that step is written (tests, drills).
 
+CPU specifics: frozen torchao-quantized linears train on a cached dequantized copy of their
+weight (`dense_frozen_linears`: the CPU int4/int8 kernels cost ~20-50x a dense matmul at training
+sizes); torch runs the launcher's per-process thread count (OMP_NUM_THREADS, launch.worker_env).
+
 Rank 0 alone writes the final checkpoint (`checkpoint.save_stage`: delta.safetensors,
 lora.json, train_log.jsonl, manifest) and then removes the `.work` directory.
 """
@@ -911,6 +915,10 @@ def main(argv: Optional[list] = None) -> int:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        # the launcher's per-process share of the cores (launch.worker_env); torch would otherwise
+        # follow MKL_NUM_THREADS when a hand-made launch leaves it at the job's full count
+        torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
     import deepspeed
     from deepspeed.utils import logger as ds_logger
 
