@@ -37,6 +37,8 @@ def _sized(cfg: dict) -> dict:
         cfg["window"] = WINDOW
     if cfg["kind"] == "block_sparse":
         cfg["block_size"] = BLOCK
+    if cfg.get("feature_map") == "cosformer":  # its M must exceed every position of the ladder
+        cfg["max_len"] = 65536
     return cfg
 
 
