@@ -7,15 +7,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import (
-    DynamicCache,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from attention_models import FAMILIES, rand_ids, tiny_model
+from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from frontier.attention import (
@@ -56,11 +49,6 @@ def _small(name: str) -> dict:
 OPTION_CFGS = {name: _small(name) for name in OPTIONS}
 SWAPPED = [o for o in OPTIONS if o != "softmax"]
 BOUNDED = ["sliding_window", "sink_window", "block_sparse", "lolcats"]  # decode state bounded by a window
-FAMILIES = {
-    "llama": (LlamaConfig, LlamaForCausalLM),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-    "mistral": (MistralConfig, MistralForCausalLM),
-}
 
 
 @pytest.fixture(autouse=True)
@@ -68,33 +56,8 @@ def _seed():
     torch.manual_seed(0)
 
 
-def tiny_model(family: str = "llama", seed: int = 0, impl: str = "sdpa", **overrides):
-    cfg_cls, model_cls = FAMILIES[family]
-    kw = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=97,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=None,
-        eos_token_id=None,
-        attn_implementation=impl,
-    )
-    kw.update(overrides)
-    torch.manual_seed(seed)
-    return model_cls(cfg_cls(**kw)).eval()
-
-
 def swapped(option: str, family: str = "llama", **kw):
     return swap_attention(tiny_model(family, **kw), OPTION_CFGS[option])
-
-
-def rand_ids(*shape, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, 97, shape, generator=g)
 
 
 # ----------------------------------------------------------------------------------------------

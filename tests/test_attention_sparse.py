@@ -5,15 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (
-    DynamicCache,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from attention_models import FAMILIES, rand_ids, tiny_model
+from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from frontier.attention import cache_state_bytes, sliding_window_reference, softmax_attention
@@ -45,36 +38,11 @@ CFGS = {
     "topk": {"name": "topk", "kind": "topk", "k": 5, "block_size": 8},
 }
 LAYERS = {"sink_window": SinkWindowStateLayer, "block_sparse": BlockSparseStateLayer, "topk": TopKStateLayer}
-FAMILIES = {
-    "llama": (LlamaConfig, LlamaForCausalLM),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-    "mistral": (MistralConfig, MistralForCausalLM),
-}
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def tiny_model(family: str = "llama", seed: int = 0, impl: str = "sdpa", **overrides):
-    cfg_cls, model_cls = FAMILIES[family]
-    kw = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=97,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=None,
-        eos_token_id=None,
-        attn_implementation=impl,
-    )
-    kw.update(overrides)
-    torch.manual_seed(seed)
-    return model_cls(cfg_cls(**kw)).eval()
 
 
 def swap_sparse(model, cfg: dict):
@@ -88,11 +56,6 @@ def swap_sparse(model, cfg: dict):
 
 def swapped(kind: str, family: str = "llama", **kw):
     return swap_sparse(tiny_model(family, **kw), CFGS[kind])
-
-
-def rand_ids(*shape, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, 97, shape, generator=g)
 
 
 # ----------------------------------------------------------------------------------------------
