@@ -40,6 +40,7 @@ from . import kernels as K
 
 __all__ = [
     "FrontierAttention",
+    "KeyValidityMixin",
     "LinearAttention",
     "LinearStateLayer",
     "SlidingWindowAttention",
@@ -156,7 +157,38 @@ class LinearStateLayer(CacheLayerMixin):
         raise RuntimeError("a linear-attention state cannot be cropped (no per-token history is kept)")
 
 
-class SlidingWindowStateLayer(DynamicSlidingWindowLayer):
+class KeyValidityMixin:
+    """Keeps a ``[B, n]`` bool ``key_valid`` buffer beside a transformers KV cache layer's keys:
+    ``update`` goes through the subclass's ``update_with_validity`` and the batch operations of
+    beam search / multiple sequences apply to the buffer too."""
+
+    key_valid: torch.Tensor | None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        keys, values, _ = self.update_with_validity(key_states, value_states, kwargs.get("key_valid"))
+        return keys, values
+
+    def reset(self) -> None:
+        super().reset()
+        self.key_valid = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.key_valid is not None and self.key_valid.numel() > 0:
+            self.key_valid = self.key_valid.index_select(0, beam_idx.to(self.key_valid.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.key_valid is not None:
+            self.key_valid = self.key_valid.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.key_valid is not None:
+            self.key_valid = self.key_valid[indices, ...]
+
+
+class SlidingWindowStateLayer(KeyValidityMixin, DynamicSlidingWindowLayer):
     """``DynamicSlidingWindowLayer`` that also keeps a ``[B, n]`` bool validity buffer for its keys.
 
     Stores the last ``window - 1`` keys/values (bounded); ``update_with_validity`` returns the cached
@@ -191,29 +223,6 @@ class SlidingWindowStateLayer(DynamicSlidingWindowLayer):
         self.values = full_v[:, :, start:]
         self.key_valid = full_valid[:, start:]
         return full_k, full_v, full_valid
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        full_k, full_v, _ = self.update_with_validity(key_states, value_states, kwargs.get("key_valid"))
-        return full_k, full_v
-
-    def reset(self) -> None:
-        super().reset()
-        self.key_valid = None
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        if self.key_valid is not None and self.key_valid.numel() > 0:
-            self.key_valid = self.key_valid.index_select(0, beam_idx.to(self.key_valid.device))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        if self.key_valid is not None:
-            self.key_valid = self.key_valid.repeat_interleave(repeats, dim=0)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        if self.key_valid is not None:
-            self.key_valid = self.key_valid[indices, ...]
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove == 0:

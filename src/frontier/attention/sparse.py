@@ -52,7 +52,7 @@ from torch import nn
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
 from .kernels import _acc_dtype, _check_gqa, _expand_kv
-from .modules import FrontierAttention, _ensure_cache_layer
+from .modules import FrontierAttention, KeyValidityMixin, _ensure_cache_layer
 
 __all__ = [
     "SPARSE_DEFAULTS",
@@ -703,7 +703,7 @@ class BlockSparseStateLayer(GlobalLocalStateLayer):
         self.global_blocks = int(global_blocks)
 
 
-class TopKStateLayer(DynamicLayer):
+class TopKStateLayer(KeyValidityMixin, DynamicLayer):
     """Full KV cache (``DynamicLayer``) plus a ``[B, n]`` bool validity buffer: exact top-k needs
     every past key, so its decode memory grows linearly with the context."""
 
@@ -729,29 +729,6 @@ class TopKStateLayer(DynamicLayer):
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.key_valid = torch.cat([self.key_valid, key_valid.to(torch.bool)], dim=-1)
         return self.keys, self.values, self.key_valid
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        keys, values, _ = self.update_with_validity(key_states, value_states, kwargs.get("key_valid"))
-        return keys, values
-
-    def reset(self) -> None:
-        super().reset()
-        self.key_valid = None
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        if self.key_valid is not None and self.key_valid.numel() > 0:
-            self.key_valid = self.key_valid.index_select(0, beam_idx.to(self.key_valid.device))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        if self.key_valid is not None:
-            self.key_valid = self.key_valid.repeat_interleave(repeats, dim=0)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        if self.key_valid is not None:
-            self.key_valid = self.key_valid[indices, ...]
 
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)
