@@ -145,6 +145,27 @@ def test_awq_beats_rtn_with_salient_channels(w, bits, group):
     assert e_awq < 0.9 * e_rtn, (e_awq, e_rtn)
 
 
+@pytest.mark.parametrize("bits,group,sym", [(4, 128, False), (3, 64, False), (4, 32, True)])
+def test_awq_clip_never_worse_than_rtn_per_group_and_better_with_outlier_weights(bits, group, sym):
+    """AWQ's clipping search: each group's partial-output error on the calibration tokens is at
+    most RTN's (shrink 0 is RTN), and clearly lower when a few weights are outliers."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 256, generator=g)
+    w[torch.rand(64, 256, generator=g) < 0.01] *= 8.0  # heavy tail: RTN wastes its grid on one weight
+    x = torch.randn(512, 256, generator=g)
+    clipped = calibrated.awq_clip(w, x, bits, group, sym, grid=20)
+    assert (clipped.abs() <= w.abs() + 1e-6).all() and not torch.equal(clipped, w)
+    q_clip = rtn.rtn_codes(clipped, bits, group, sym).dequantize()
+    q_rtn = rtn.rtn_codes(w, bits, group, sym).dequantize()
+
+    def group_err(wq):
+        xs, d = x.view(512, -1, group), (wq - w).view(64, -1, group)
+        return torch.einsum("tgk,ngk->tng", xs, d).pow(2).mean(0)
+
+    assert (group_err(q_clip) <= group_err(q_rtn) * (1 + 1e-5) + 1e-9).all()
+    assert R.output_error(w, q_clip, x) < 0.97 * R.output_error(w, q_rtn, x)  # measured 0.93-0.96
+
+
 # ------------------------------------------------------------------ plan time
 def _point(quant="none", **q):
     cfg = C.compose((("quant", quant),))
@@ -344,7 +365,7 @@ def test_perplexity_ordering_on_trained_micro_model(trained_micro):
     score("int8", {"method": "rtn", "bits": 8, "group_size": None, "symmetric": True})
     for bits in (4, 3):
         for method in ("rtn", "gptq", "awq"):
-            score(f"{method}{bits}", {"method": method, "bits": bits, "group_size": 32, "awq_grid": 8})
+            score(f"{method}{bits}", {"method": method, "bits": bits, "group_size": 32, "awq_grid": 20})
     print({k: round(v, 3) for k, v in ppl.items()}, {k: round(v, 5) for k, v in kl.items()})
     # int8 ≈ none
     assert abs(ppl["int8"] / ppl["none"] - 1) < 0.003 and kl["int8"] < 1e-4
@@ -358,10 +379,13 @@ def test_perplexity_ordering_on_trained_micro_model(trained_micro):
         assert kl[f"gptq{bits}"] < 0.5 * kl[f"rtn{bits}"]
     assert ppl["gptq3"] <= ppl["rtn3"] * 1.002
     assert ppl["gptq4"] <= max(ppl["rtn4"], ppl["none"]) * 1.02
-    # AWQ (torchao's per-linear variant): no worse than RTN beyond a small tolerance on this
-    # tiny model, whose activations have none of the salient channels AWQ is built for
+    # AWQ (torchao's scale search + frontier's clipping search): less distortion than RTN at
+    # the same bits (measured KL 0.0012 vs 0.0019 at 4 bits, 0.0036 vs 0.0101 at 3), and
+    # perplexity no worse at 3 bits; 4 bits within the noise band described above
     for bits in (4, 3):
-        assert ppl[f"awq{bits}"] <= max(ppl[f"rtn{bits}"], ppl["none"]) * 1.02
+        assert kl[f"awq{bits}"] < 0.8 * kl[f"rtn{bits}"]
+    assert ppl["awq3"] <= ppl["rtn3"] * 1.002
+    assert ppl["awq4"] <= max(ppl["rtn4"], ppl["none"]) * 1.02
 
 
 # ------------------------------------------------------------------ int8 KV cache

@@ -92,6 +92,7 @@ class QuantCfg:
     calib_seq_len: int = _f(256, ge=8, doc="gptq/awq: tokens per calibration window")
     damp: float = _f(0.01, gt=0, doc="gptq: Hessian damping (fraction of its mean diagonal)")
     awq_grid: int = _f(20, ge=2, doc="awq: points of the scale-exponent grid search")
+    awq_clip: bool = _f(True, doc="awq: search a per-group weight clipping range after the scales (AWQ's auto_clip)")
     when: str = _f("pre", choices=("pre", "post"),
                    doc="pre: quantize the base, then surgery and fine-tuning run on the frozen quantized "
                        "weights (QLoRA-style); post: quantize the fine-tuned model (after surgery and "

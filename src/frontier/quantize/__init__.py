@@ -11,7 +11,7 @@ one override away):
 | rtn  | round-to-nearest per row/group; torchao `Int4OpaqueTensor` (4-bit asym, g32-128, CPU), frontier `Int8RowTensor` (int8 sym per-row, CPU), else bit-packed codes | kernel / dequant |
 | hqq  | torchao HQQ qparams (`Int4ChooseQParamsAlgorithm.HQQ` at 4 bits, its solver otherwise) | kernel / dequant |
 | gptq | frontier GPTQ (calibrated, layer by layer) → same storage as rtn | kernel / dequant |
-| awq  | torchao `AWQConfig` over frontier's RTN config (calibrated, layer by layer) | kernel / dequant |
+| awq  | torchao `AWQConfig` scales over frontier's RTN config + AWQ's clipping search (calibrated, layer by layer) | kernel / dequant |
 | nf4  | bitsandbytes `Linear4bit` NF4 + double-quantized absmax | kernel on CUDA, dequant on CPU |
 | w8a8 | torchao `Int8DynamicActivationInt8WeightConfig` | kernel (`torch._int_mm`) |
 | fp8  | torchao `Float8DynamicActivationFloat8WeightConfig(PerRow)` — CUDA sm89+ only | kernel |
@@ -49,7 +49,7 @@ LIBRARY = {
     "rtn": "torchao 0.18 (Int4OpaqueTensor / PrototypeInt4WeightOnlyConfig; Int4WeightOnlyConfig on CUDA) + frontier packed tensors",
     "hqq": "torchao 0.18 HQQ qparams (Int4ChooseQParamsAlgorithm.HQQ / _choose_qparams_and_quantize_affine_hqq)",
     "gptq": "frontier GPTQ (torchao 0.18 prototype.gptq is CUDA+mslk only; llm-compressor needs transformers<=5.17)",
-    "awq": "torchao 0.18 prototype.awq.AWQConfig over frontier WeightOnlyConfig",
+    "awq": "torchao 0.18 prototype.awq.AWQConfig over frontier WeightOnlyConfig + frontier awq_clip",
     "nf4": "bitsandbytes Linear4bit (nf4, double quant)",
     "w8a8": "torchao 0.18 Int8DynamicActivationInt8WeightConfig",
     "fp8": "torchao 0.18 Float8DynamicActivationFloat8WeightConfig(PerRow)",

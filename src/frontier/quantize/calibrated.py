@@ -17,6 +17,10 @@ earlier ones. Memory holds one layer's activations and Hessians at a time.
   per-input-channel scale s = mean|x|^α minimising the layer's output error, quantize W·s,
   keep 1/s as the weight's `act_pre_scale`), on top of frontier's `WeightOnlyConfig`, so the
   result is torchao's CPU int4 kernel tensor at 4 bits/g32-128 and packed codes otherwise.
+  Then AWQ's weight clipping (`awq_clip`, the paper's `auto_clip`, which torchao's prototype
+  leaves out): per output row and group, the max |w| of the scaled weight shrinks by the grid
+  ratio that minimises that group's output error on calibration tokens (q/k projections are
+  not clipped, as in the reference); the clipped weight is rounded to nearest.
 """
 from __future__ import annotations
 
@@ -222,28 +226,82 @@ def repack(w):
     return t
 
 
+AWQ_NO_CLIP = ("q_proj", "k_proj", "query", "key")  # their errors are amplified by the q·k product
+
+
+@torch.no_grad()
+def awq_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size, symmetric: bool, grid: int = 20,
+             max_shrink: float = 0.5, row_batch: int = 256) -> torch.Tensor:
+    """AWQ weight clipping (Lin et al. 2023, `auto_clip`): `w` [N, K] clamped per output row and
+    group to ±max|w|·(1 - i/grid), i < max_shrink·grid, choosing for each group the i whose
+    round-to-nearest codes give the least squared error of that group's partial output x_g·w_gᵀ
+    over the calibration tokens `x` [T, K]. i = 0 is plain RTN, so no group gets worse on `x`."""
+    from .rtn import rtn_codes
+
+    n, k = w.shape
+    g = group_size or k
+    W = w.detach().to(torch.float32).reshape(n, k // g, g)
+    X = x.detach().to(torch.float32).reshape(-1, k // g, g)  # [T, G, g]
+    out = torch.empty_like(W)
+    for r0 in range(0, n, row_batch):
+        Wb = W[r0:r0 + row_batch]  # [n_b, G, g]
+        ref = torch.einsum("tgk,ngk->tng", X, Wb)
+        org_max = Wb.abs().amax(-1, keepdim=True)  # [n_b, G, 1]
+        best_err = torch.full(org_max.shape[:2], float("inf"))
+        best = org_max.clone()
+        for i in range(max(1, int(max_shrink * grid))):
+            mv = org_max * (1 - i / grid)
+            cw = torch.maximum(torch.minimum(Wb, mv), -mv)
+            wq = rtn_codes(cw.reshape(-1, k), bits, g, symmetric).dequantize().reshape(cw.shape)
+            err = (torch.einsum("tgk,ngk->tng", X, wq) - ref).pow(2).mean(0)  # [n_b, G]
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better.unsqueeze(-1), mv, best)
+        out[r0:r0 + row_batch] = torch.maximum(torch.minimum(Wb, best), -best)
+    return out.reshape(n, k).to(w.dtype)
+
+
+def _calib_tokens(inputs: list, k: int, tokens: int) -> torch.Tensor:
+    x = torch.cat([t.reshape(-1, k) for t in inputs])
+    step = max(1, x.shape[0] // tokens)
+    return x[::step][:tokens]
+
+
 def awq_quantize(model, ids: torch.Tensor, q: dict, device: str = "cpu") -> None:
     """Quantize every decoder linear with torchao's AWQ over frontier's weight-only RTN, layer by layer."""
     from torchao.prototype.awq import AWQConfig
     from torchao.prototype.awq.core import AWQObservedLinear
     from torchao.quantization import quantize_
 
-    from .rtn import WeightOnlyConfig
+    from .rtn import WeightOnlyConfig, rtn_codes
 
     # the grid search quantizes each weight `awq_grid` times: packed codes with a plain fp matmul
     # are fast there; the chosen codes are repacked for the low-bit kernel afterwards
     base = WeightOnlyConfig(bits=q["bits"], group_size=q.get("group_size"), symmetric=bool(q.get("symmetric", False)),
                             algorithm="rtn", kernel=False)
     grid = int(q.get("awq_grid", 20))
+    clip = bool(q.get("awq_clip", True))
+    bits, gsz, sym = q["bits"], q.get("group_size"), bool(q.get("symmetric", False))
 
     def per_layer(i, layer, run):
         quantize_(layer, AWQConfig(base, step="prepare", scale_search_space_size=grid),
                   filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
         run()
+        observed = {}
+        for name, m in _linears(layer):
+            if clip and not any(t in name for t in AWQ_NO_CLIP):
+                observed[name] = (m.weight.detach().clone(), _calib_tokens(m.act_obs.inputs, m.in_features, 512))
         with torch.no_grad():
             quantize_(layer, AWQConfig(base, step="convert", scale_search_space_size=grid),
                       filter_fn=lambda m, fqn: isinstance(m, AWQObservedLinear))
-        for _, m in _linears(layer):
-            m.weight = nn.Parameter(repack(m.weight), requires_grad=False)
+        for name, m in _linears(layer):
+            w = m.weight
+            if name in observed:  # clip the scaled weight W·s against the scaled inputs x/s
+                w0, x = observed.pop(name)
+                pre = w.act_pre_scale.to(torch.float32)
+                clipped = awq_clip(w0.to(torch.float32) / pre, x.to(torch.float32) * pre, bits, gsz, sym)
+                w, _ = pack(rtn_codes(clipped, bits, gsz, sym), w0.dtype, w0.device.type)
+                w.act_pre_scale = m.weight.act_pre_scale
+            m.weight = nn.Parameter(repack(w), requires_grad=False)
 
     layerwise(model, ids, per_layer)
