@@ -19,7 +19,7 @@ from frontier.evaluate import measure, mqar, perplexity, recall, ruler
 
 METRIC_KEYS = {"point_id", "sweep", "status", "reason", "choices", "overrides", "config", "quality",
                "weight_bytes", "params", "effective_bits", "costs", "versions", "device", "wall_s", "warnings",
-               "attention_layers"}
+               "attention_layers", "quality_weights"}
 
 
 # ---------------------------------------------------------------- fixtures
@@ -405,6 +405,7 @@ def test_run_end_to_end(micro_base, base_manifest, tmp_path):
     assert {(c["context_len"], c["metric"]) for c in disk["costs"]} == {(L, m) for L in (64, 128) for m in measure.METRICS}
     assert disk["effective_bits"] == 32.0 and disk["params"] > 0 and disk["weight_bytes"] >= 4 * disk["params"] * 0.9
     assert disk["device"] == "cpu" and disk["versions"]["torch"] and disk["wall_s"] > 0
+    assert disk["quality_weights"] is None  # nothing quantized
 
 
 def len_vocab(manifest) -> int:
@@ -417,6 +418,15 @@ def test_run_quantized_and_linear_points(micro_chain, base_manifest, tmp_path):
     _, q8 = _run(micro_chain("int8", "softmax"), cfg, tmp_path, "int8")
     assert q8["status"] == "ok", q8["reason"]
     assert 8.0 <= q8["effective_bits"] < 10.0
+    # on CPU the quality metrics run on dequantized copies (eval.quality_weights: auto): the same
+    # numbers as through the int8 kernel; the cost ladder measures the kernel either way
+    assert q8["quality_weights"] == "dequantized"
+    _, k8 = _run(micro_chain("int8", "softmax"), {**cfg, "eval": {**cfg["eval"], "quality_weights": "kernel"}},
+                 tmp_path, "int8k")
+    assert k8["status"] == "ok" and k8["quality_weights"] == "kernel"
+    assert k8["quality"]["ppl"] == pytest.approx(q8["quality"]["ppl"], rel=1e-4)
+    assert k8["quality"]["recall_acc@64"] == q8["quality"]["recall_acc@64"]
+    assert k8["weight_bytes"] == q8["weight_bytes"]
     _, lin = _run(micro_chain("none", "linear_elu"), cfg, tmp_path, "lin")
     assert lin["status"] == "ok", lin["reason"]
     sb = {c["context_len"]: c["value"] for c in lin["costs"] if c["metric"] == "state_bytes"}

@@ -53,7 +53,8 @@ GAP_REL_EPS = 1e-3
 # 128 .. 131072: modelled costs are cheap, and long contexts are where the curves diverge.
 DEFAULT_MODELLED_LENS = [2**k for k in range(7, 18)]
 
-_STR_BASE = ["sweep", "point_id", *CHOICE_GROUPS, "family", "status", "reason", "device", "metrics_path"]
+_STR_BASE = ["sweep", "point_id", *CHOICE_GROUPS, "family", "status", "reason", "device", "quality_weights",
+             "metrics_path"]
 _INT_BASE = ["weight_bytes", "params"]
 _FLOAT_BASE = ["effective_bits", "wall_s", "gap_closed"]
 _STR_TAIL = ["versions", "config_json"]
@@ -105,6 +106,9 @@ SCHEMAS: dict[str, list[tuple[str, str, str]]] = {
         ("status", "string", "`ok` | `failed`"),
         ("reason", "string", "why the point failed (`<ExceptionType>: message`); null when ok"),
         ("device", "string", "device the point was evaluated on (the `hardware` of its measured costs)"),
+        ("quality_weights", "string", "what the quality metrics ran on for a quantized model: `kernel` (the "
+                                      "low-bit kernels) | `dequantized` (cached dequantized copies, the same "
+                                      "function; `eval.quality_weights`, default on CPU); null when unquantized"),
         ("metrics_path", "string", "the `metrics.json` the row was read from"),
         ("weight_bytes", "int64", "bytes of all parameters and buffers as stored (quantized tensors at "
                                   "their storage size)"),
@@ -396,6 +400,7 @@ def run_row(m: dict, sweep: str) -> dict:
         "status": m.get("status") or "ok",
         "reason": _scalar_str(m.get("reason")),
         "device": _scalar_str(m.get("device")),
+        "quality_weights": _scalar_str(m.get("quality_weights")),
         "metrics_path": m.get("_path"),
         "weight_bytes": _int(m.get("weight_bytes")),
         "params": _int(m.get("params")),

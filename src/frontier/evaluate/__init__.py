@@ -6,7 +6,11 @@
   synthetic long-context tasks of `eval.recall.tasks` (key-value recall, passkey, RULER-style
   needles, MQAR) at each `eval.recall.context_lens` (`recall`, `ruler`, `mqar`); the
   lm-evaluation-harness tasks of `eval.harness.tasks`, in-process on the loaded model
-  (`harness`, quality keys `harness.<task>.<metric>`);
+  (`harness`, quality keys `harness.<task>.<metric>`). On CPU (`eval.quality_weights: auto`)
+  these run on cached dequantized copies of weight-only quantized linears
+  (`frontier.dequant`: the same function to float rounding, at dense speed; torchao's CPU
+  int4/int8 kernels are built for decode and are 20-50x slower at prefill shapes); w8a8/fp8
+  keep their kernels; `metrics.json` records `quality_weights: dequantized | kernel`;
 * cost: prefill latency, decode tokens/s, peak memory and cache/state bytes at each
   `eval.cost.context_lens` (`measure`), weight bytes, logical parameter count and the
   effective bits per decoder Linear weight;
@@ -19,6 +23,7 @@ Non-fatal problems (a recall task whose prompt cannot fit at some L, a harness f
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -26,7 +31,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional
 
-from frontier import checkpoint, tracking as _tracking
+from frontier import checkpoint, dequant, tracking as _tracking
 
 from . import harness as _harness
 from .measure import device_name, measure_costs, weight_stats
@@ -88,7 +93,7 @@ def metrics_record(*, point_id: str, sweep: str, choices: dict, overrides: dict,
             "choices": dict(choices or {}), "overrides": dict(overrides or {}), "config": cfg,
             "quality": {}, "weight_bytes": None, "params": None, "effective_bits": None,
             "costs": [], "versions": checkpoint.library_versions(), "device": None, "wall_s": None,
-            "attention_layers": None, "warnings": []}
+            "attention_layers": None, "quality_weights": None, "warnings": []}
 
 
 def _evaluate(rec: dict, ckpt_dir: Path, cfg: dict, progress: bool) -> None:
@@ -108,6 +113,25 @@ def _evaluate(rec: dict, ckpt_dir: Path, cfg: dict, progress: bool) -> None:
         if m.get("stage") == "surgery" and isinstance(m.get("attention"), dict):
             rec["attention_layers"] = {"keep_softmax": m["attention"].get("keep_softmax") or [],
                                        "diagnostics": m["attention"].get("diagnostics")}
+    ev = cfg["eval"]
+    mode = ev.get("quality_weights", "auto")
+    if mode == "auto":
+        mode = "kernel" if device == "cuda" else "dequantized"
+    with contextlib.ExitStack() as stack:
+        dense = stack.enter_context(dequant.dense_view(model)) if mode == "dequantized" else []
+        quantized = any(dequant.is_quantized_tensor(p) for p in model.parameters())
+        rec["quality_weights"] = "dequantized" if dense else ("kernel" if quantized else None)
+        if dense:
+            log.info("quality metrics on dequantized copies of %d quantized linears (the cost ladder "
+                     "measures the kernels)", len(dense))
+        _quality(rec, model, tok, cfg, progress)
+    t = time.time()
+    rec["costs"] = measure_costs(model, ev["cost"], seed=int(ev["recall"].get("seed", 0)), progress=progress,
+                                 weight_bytes=rec["weight_bytes"], kv_bits=int(cfg["quant"].get("kv_bits", 16)))
+    log.info("cost ladder done (%.1fs)", time.time() - t)
+
+
+def _quality(rec: dict, model, tok, cfg: dict, progress: bool) -> None:
     ev = cfg["eval"]
     t = time.time()
     rec["quality"].update(evaluate_perplexity(model, tok, ev, cfg["data"], progress=progress))
@@ -129,10 +153,6 @@ def _evaluate(rec: dict, ckpt_dir: Path, cfg: dict, progress: bool) -> None:
             log.error("%s\n%s", msg, traceback.format_exc())
             rec["warnings"].append(msg)
         log.info("harness done (%.1fs)", time.time() - t)
-    t = time.time()
-    rec["costs"] = measure_costs(model, ev["cost"], seed=int(ev["recall"].get("seed", 0)), progress=progress,
-                                 weight_bytes=rec["weight_bytes"], kv_bits=int(cfg["quant"].get("kv_bits", 16)))
-    log.info("cost ladder done (%.1fs)", time.time() - t)
 
 
 def run(ckpt_dir: Path, cfg: dict, *, point_id: str, sweep: str, choices: dict, overrides: dict,

@@ -24,6 +24,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ..dequant import dense_weight as _dense_weight, is_quantized_tensor  # noqa: F401 - re-exported
+
 DELTA_FILE = "delta.safetensors"
 LORA_FILE = "lora.json"
 ADAPTER = "default"
@@ -45,30 +47,8 @@ def peft_config(d: dict):
 
 
 # ------------------------------------------------------------------ quantized linears
-def is_quantized_tensor(t) -> bool:
-    """A tensor subclass that stores its data inside (torchao quantized weights)."""
-    import torch
-
-    return isinstance(t, torch.Tensor) and type(t) not in (torch.Tensor, torch.nn.Parameter) \
-        and hasattr(t, "__tensor_flatten__")
-
-
 def has_quantized_weights(model) -> bool:
     return any(is_quantized_tensor(p) for p in model.parameters())
-
-
-def _dense_weight(linear, dtype, device):
-    """[out, in] dense weight of a quantized linear, as the forward kernel sees it."""
-    import torch
-    import torch.nn.functional as F
-
-    w = linear.weight
-    try:
-        return w.dequantize().to(dtype)
-    except Exception:  # noqa: BLE001 - tensor types without dequantize: ask the kernel itself
-        eye = torch.eye(linear.in_features, dtype=dtype, device=device)
-        with torch.no_grad():
-            return F.linear(eye, w).t().to(dtype)
 
 
 def _make_fn():

@@ -47,7 +47,6 @@ import os
 import shutil
 import sys
 import time
-import types
 from pathlib import Path
 from typing import Optional
 
@@ -104,52 +103,21 @@ class StopRequested(SystemExit):
 
 
 # ------------------------------------------------------------------ frozen quantized linears on CPU
-DENSE_ENV = "FRONTIER_FT_DENSE_MAX_MB"  # cap on the dense copies' size; 0 turns them off
-DENSE_MAX_MB = 2048
-
-
-def _dense_forward(self, x, *args, **kwargs):
-    import torch.nn.functional as F
-
-    return F.linear(x, self._frontier_dense_weight, self.bias)
+DENSE_ENV = "FRONTIER_FT_DENSE_MAX_MB"  # cap on the dense copies' size (MB); 0 turns them off
 
 
 def dense_frozen_linears(model, max_bytes: Optional[int] = None) -> list:
-    """Give every frozen torchao-quantized `nn.Linear` a forward on a cached dequantized copy of its
-    weight (a plain attribute: not a parameter or buffer, so neither DeepSpeed nor the delta sees it).
-
-    torchao's CPU kernels are slow for training-sized inputs: measured on the tiny model (1 thread,
-    512 tokens x 128 -> 128) the packed int4 `_weight_int4pack_mm_for_cpu` takes ~12 ms and the
-    int8 kernel ~6 ms, against ~0.25 ms for the dense matmul; and the int4 backward re-derived the
-    dense weight on every call. The base is frozen, so its dequantized weight is a constant: the
-    function is the quantized model's (the same values, as `lora._dense_weight` reads them from the
-    kernel; outputs agree to float rounding, ~1e-6) and autograd differentiates it natively. The
-    copies cost the unquantized size of those weights, hence the cap (`FRONTIER_FT_DENSE_MAX_MB`,
-    default 2048; 0: off). Used on CPU only (CUDA kernels are fast, and GPU memory is the point of
-    quantizing). Returns the names of the modules switched; idempotent."""
-    import torch
-
-    from .lora import _dense_weight, is_quantized_tensor
+    """Train the frozen quantized linears through cached dequantized copies of their weights
+    (`frontier.dequant.dense_linears`: same function, dense speed; torchao's CPU int4/int8 kernels
+    cost ~20-50x a dense matmul at training shapes and the int4 backward re-derived the dense
+    weight on every call). Capped by `FRONTIER_FT_DENSE_MAX_MB` (default 2048; 0: off). CPU only
+    (CUDA kernels are fast, and GPU memory is the point of quantizing). Returns the names of the
+    switched modules; idempotent."""
+    from ..dequant import DENSE_MAX_MB, dense_linears
 
     if max_bytes is None:
         max_bytes = int(float(os.environ.get(DENSE_ENV, DENSE_MAX_MB)) * 2 ** 20)
-    mods = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-            and is_quantized_tensor(getattr(m, "weight", None)) and not m.weight.requires_grad]
-    todo = [(n, m) for n, m in mods if not hasattr(m, "_frontier_dense_weight")]
-
-    def dtype_of(m):
-        dt = getattr(m.weight, "dtype", torch.float32)
-        return dt if dt.is_floating_point else torch.float32
-
-    need = sum(m.in_features * m.out_features * torch.empty((), dtype=dtype_of(m)).element_size() for _, m in todo)
-    if not todo or need > max_bytes:
-        return [n for n, m in mods if hasattr(m, "_frontier_dense_weight")]
-    for _, m in todo:
-        with torch.no_grad():
-            w = _dense_weight(m, dtype_of(m), m.weight.device).detach().contiguous()
-        m._frontier_dense_weight = w
-        m.forward = types.MethodType(_dense_forward, m)
-    return [n for n, _ in mods]
+    return dense_linears(model, max_bytes)
 
 
 # ------------------------------------------------------------------ objectives (DeepSpeed modules)
