@@ -126,3 +126,16 @@ def test_gap_closed_function_directly():
     # a finetune option named otherwise but with method none (from the flattened config) is untuned
     runs[1] = {**runs[1], "point_id": "m/q/lin/plain/e", "cfg.finetune.method": "none"}
     assert collect.gap_closed(runs)["m/q/lin/lolcats/e"] == pytest.approx(0.5)
+
+
+def test_gap_closed_of_quant_post_points_uses_post_references():
+    """quant.when=post ids (<model>/none/<attention>/<finetune>/<quant>~when=post/<eval>): the
+    references are the post-quantized untuned and softmax points, not the pre ones."""
+    runs = [
+        {"point_id": "m/none/softmax/none/q~when=post/e", "status": "ok", "ppl": 8.0},
+        {"point_id": "m/none/lin/none/q~when=post/e", "status": "ok", "ppl": 12.0},
+        {"point_id": "m/none/lin/lolcats/q~when=post/e", "status": "ok", "ppl": 9.0},
+        {"point_id": "m/q/lin/none/e", "status": "ok", "ppl": 10.0},  # pre: not a reference of post
+    ]
+    assert collect.point_parts(runs[2]["point_id"]) == ("m", "q~when=post", "lin", "lolcats", "e")
+    assert collect.gap_closed(runs)["m/none/lin/lolcats/q~when=post/e"] == pytest.approx(0.75)

@@ -129,6 +129,8 @@ def test_short_labels():
     two_models = ids + ["n/int8/linear_elu/lolcats/default"]
     assert report.short_labels(two_models)[two_models[2]] == "n/int8/linear_elu/lolcats"
     assert report.short_labels(["odd"]) == {"odd": "odd"}
+    post = "m/none/linear_elu/lolcats/int8~when=post/default"
+    assert report.short_labels(ids + [post])[post] == "int8~when=post/linear_elu/lolcats"
 
 
 def test_show_prints_frontier_and_crossover_answer(out, capsys):

@@ -427,10 +427,17 @@ def run_row(m: dict, sweep: str) -> dict:
     return row
 
 
-def _point_parts(point_id: str) -> tuple | None:
-    """(model, quant, attention, finetune, eval) components of a point_id, None if it has another shape."""
+def point_parts(point_id: str) -> tuple | None:
+    """(model, quant, attention, finetune, eval) components of a point_id, None if it has another
+    shape. A `quant.when: post` point, `<model>/none/<attention>/<finetune>/<quant>~when=post/<eval>`,
+    maps to (model, "<quant>~when=post", attention, finetune, eval): its quant is the post one."""
     parts = str(point_id).split("/")
-    return tuple(parts) if len(parts) == len(CHOICE_GROUPS) else None
+    if len(parts) == len(CHOICE_GROUPS):
+        return tuple(parts)
+    if len(parts) == len(CHOICE_GROUPS) + 1:
+        m, _, a, ft, q, e = parts
+        return (m, q, a, ft, e)
+    return None
 
 
 def _untuned(row: dict, parts: tuple) -> bool:
@@ -458,7 +465,7 @@ def gap_closed(runs: list[dict], quality: str = "ppl", rel_eps: float = GAP_REL_
     untuned: dict[tuple, list] = {}
     softmax: dict[tuple, list] = {}
     for r in runs:
-        parts = _point_parts(r["point_id"])
+        parts = point_parts(r["point_id"])
         q = _float(r.get(quality))
         if parts is None or r.get("status") != "ok" or q is None or not _untuned(r, parts):
             continue
@@ -468,7 +475,7 @@ def gap_closed(runs: list[dict], quality: str = "ppl", rel_eps: float = GAP_REL_
             softmax.setdefault((m, qu, e), []).append((a != "softmax", ft != "none", r["point_id"], q))
     out: dict[str, float | None] = {}
     for r in runs:
-        parts = _point_parts(r["point_id"])
+        parts = point_parts(r["point_id"])
         out[r["point_id"]] = None
         if parts is None or _untuned(r, parts):
             continue

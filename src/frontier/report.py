@@ -39,14 +39,16 @@ from frontier.collect import (
 def short_labels(point_ids) -> dict[str, str]:
     """point_id -> a short label: ``<quant>/<attention>/<finetune>``, prefixed by the model
     and suffixed by the eval only when those vary among ``point_ids`` (full id on a clash)."""
+    from .collect import point_parts
+
     ids = sorted(set(point_ids))
-    parts = {p: p.split("/") for p in ids}
-    five = [p for p in ids if len(parts[p]) == 5]
+    parts = {p: point_parts(p) for p in ids}
+    five = [p for p in ids if parts[p] is not None]
     models = {parts[p][0] for p in five}
     evals = {parts[p][4] for p in five}
     out = {}
     for p in ids:
-        if len(parts[p]) != 5:
+        if parts[p] is None:
             out[p] = p
             continue
         m, q, a, f, e = parts[p]
