@@ -52,3 +52,30 @@ def test_quantized_checkpoint_reloads_identically_in_fresh_process(micro_chain):
     out = d.parent / "fresh_logits.pt"
     subprocess.run([sys.executable, "-c", code, str(d), str(out)], check=True)
     assert torch.equal(torch.load(out, weights_only=True), ref)
+
+
+def test_training_rows_mix_corpus_recall_and_repeat_rows(micro_base):
+    """data.batches: recall_fraction rows are key-value recall text, repeat_fraction rows repeat
+    one corpus window (periodic), the rest are corpus windows; seeded, so the stream repeats."""
+    from frontier import data
+
+    lp = ck.load_point(micro_base)
+    ids = torch.arange(10_000) % 997  # a corpus without any period shorter than 997
+    kv_start = lp.tokenizer("KV", add_special_tokens=False)["input_ids"]
+
+    def kinds(rows):
+        out = []
+        for r in rows.tolist():
+            period = next((p for p in range(8, 65) if r[p:] == r[:-p]), None)
+            out.append("kv" if r[:len(kv_start)] == kv_start else "repeat" if period else "corpus")
+        return out
+
+    it = data.batches(ids, 256, 400, seed=3, tokenizer=lp.tokenizer, recall_fraction=0.25, repeat_fraction=0.25)
+    rows = next(it)
+    k = kinds(rows)
+    assert rows.shape == (400, 256)
+    assert 60 < k.count("kv") < 140 and 60 < k.count("repeat") < 140 and k.count("corpus") > 140
+    again = next(data.batches(ids, 256, 400, seed=3, tokenizer=lp.tokenizer, recall_fraction=0.25,
+                              repeat_fraction=0.25))
+    assert torch.equal(rows, again)
+    assert kinds(next(data.batches(ids, 256, 50, seed=3))) == ["corpus"] * 50

@@ -74,7 +74,7 @@ def train_embedded(cfg: dict, out: Path, run: Optional[tracking.Run] = None) -> 
         return t["lr"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
     stream = data.batches(ids, t["seq_len"], t["batch"], t["seed"], tokenizer=tok,
-                          recall_fraction=d["recall_fraction"])
+                          recall_fraction=d["recall_fraction"], repeat_fraction=float(d.get("repeat_fraction", 0.0)))
     losses = []
     t0 = time.time()
     bar = tqdm(range(t["steps"]), desc=f"base: training {m['name']}", file=sys.stderr, mininterval=2.0)

@@ -76,6 +76,8 @@ class DataCfg:
     corpus: str = _f("embedded", doc="embedded | path to a text file/folder | HF dataset id[:config]")
     max_mb: float = _f(3.0, gt=0)
     recall_fraction: float = _f(0.3, ge=0, le=1)
+    repeat_fraction: float = _f(0.0, ge=0, le=1, doc="share of training rows that repeat a random corpus window "
+                                                    "(a copying signal for in-context recall)")
     heldout_fraction: float = _f(0.05, gt=0, le=0.5)
     seed: int = _f(0)
 

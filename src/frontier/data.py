@@ -225,7 +225,7 @@ def cached_token_splits(tokenizer, data_cfg: dict, cache_dir: Optional[Path]):
 
 
 def batches(ids, seq_len: int, batch: int, seed: int, *, tokenizer=None, recall_fraction: float = 0.0,
-            rank: int = 0, world: int = 1) -> Iterator:
+            repeat_fraction: float = 0.0, rank: int = 0, world: int = 1) -> Iterator:
     """Endless [batch, seq_len] LongTensor batches of random windows of `ids`.
 
     With `recall_fraction` > 0 (needs the tokenizer) that share of rows is a synthetic
@@ -242,12 +242,27 @@ def batches(ids, seq_len: int, batch: int, seed: int, *, tokenizer=None, recall_
     while True:
         rows = []
         for _ in range(batch):
-            if tokenizer is not None and rng.random() < recall_fraction:
+            r = rng.random()
+            if tokenizer is not None and r < recall_fraction:
                 rows.append(_recall_row(tokenizer, rng, seq_len))
+            elif r < recall_fraction + repeat_fraction:
+                rows.append(_repeat_row(ids, g, rng, seq_len))
             else:
                 start = int(torch.randint(0, n, (1,), generator=g))
                 rows.append(ids[start:start + seq_len])
         yield torch.stack(rows)
+
+
+def _repeat_row(ids, g, rng: random.Random, seq_len: int):
+    """A random corpus window of 8 .. seq_len/4 tokens, repeated to fill the row: every token
+    after the first copy is predictable only by looking back (the induction / copying signal
+    that in-context recall is built on)."""
+    import torch
+
+    span = rng.randint(8, max(9, seq_len // 4))
+    start = int(torch.randint(0, ids.numel() - span, (1,), generator=g))
+    seg = ids[start:start + span]
+    return seg.repeat(seq_len // span + 1)[:seq_len].clone()
 
 
 def _recall_row(tokenizer, rng: random.Random, seq_len: int):

@@ -332,6 +332,7 @@ class Worker:
     def stream(self, pcfg: dict, seed: int, skip: int):
         it = self.data.batches(self.train_ids, int(pcfg["seq_len"]), int(pcfg["micro_batch"]), seed,
                                tokenizer=self.tokenizer, recall_fraction=float(self.data_cfg["recall_fraction"]),
+                               repeat_fraction=float(self.data_cfg.get("repeat_fraction", 0.0)),
                                rank=self.rank, world=self.world)
         for _ in range(skip):
             next(it)
@@ -341,7 +342,8 @@ class Worker:
         ids = self.held_ids if self.held_ids.numel() > int(pcfg["seq_len"]) + 1 else self.train_ids
         rows = max(int(pcfg["micro_batch"]), PROBE_ROWS)
         it = self.data.batches(ids, int(pcfg["seq_len"]), rows, PROBE_SEED + int(self.ft["seed"]),
-                               tokenizer=self.tokenizer, recall_fraction=float(self.data_cfg["recall_fraction"]))
+                               tokenizer=self.tokenizer, recall_fraction=float(self.data_cfg["recall_fraction"]),
+                               repeat_fraction=float(self.data_cfg.get("repeat_fraction", 0.0)))
         return next(it).to(self.device)
 
     def probe(self, engine, batch) -> list:
