@@ -66,7 +66,7 @@ def test_training_rows_mix_corpus_recall_and_repeat_rows(micro_base):
     def kinds(rows):
         out = []
         for r in rows.tolist():
-            period = next((p for p in range(8, 65) if r[p:] == r[:-p]), None)
+            period = next((p for p in range(8, 129) if r[p:] == r[:-p]), None)
             out.append("kv" if r[:len(kv_start)] == kv_start else "repeat" if period else "corpus")
         return out
 

@@ -80,7 +80,7 @@ def test_task_registry_matches_config():
     assert recall.MQAR_DEFAULTS == {f.name: f.default for f in dataclasses.fields(config.MqarCfg)}
     assert [recall.metric_key(t, 128) for t in recall.TASKS] == [
         "recall_acc@128", "passkey_acc@128", "needle_single_acc@128", "needle_multikey_acc@128",
-        "needle_multivalue_acc@128", "mqar_acc@128"]
+        "needle_multivalue_acc@128", "mqar_acc@128", "copy_acc@128"]
 
 
 def test_generators_are_deterministic_and_fit(tok):
@@ -96,7 +96,8 @@ def test_generators_are_deterministic_and_fit(tok):
             assert x["tokens"] >= 256 - 40, (task, x["tokens"])  # filled close to L
             assert all(ans in x["prompt"] for ans in x["answers"])
             assert x["answer"] == ", ".join(x["answers"])
-            assert len(x["answers"]) == {"needle_multivalue": 2, "mqar": 2}.get(task, 1)
+            if task != "copy":  # copy: every word of the second line
+                assert len(x["answers"]) == {"needle_multivalue": 2, "mqar": 2}.get(task, 1)
         if task == "kv":  # as close to L as possible: one more pair would not fit
             for i, x in enumerate(a):
                 bigger, _ = recall.recall_example(random.Random(f"7:recall:256:{i}"), x["size"] + 1, x["depth"])
@@ -160,6 +161,18 @@ def test_mqar_generator():
     assert ans_g == ans and "The grass is green." in gap and [gap[a:b] for a, b in spans_g] == ans
     assert gap.index("grass") < spans_g[0][0]  # the gap separates the pairs from the queries
     assert len(mqar.mqar_example(random.Random(4), 2, 5)[1]) == 2  # no more queries than pairs
+
+
+def test_copy_generator_and_teacher_forced_scoring(tok):
+    prompt, words, spans = recall.copy_example(random.Random(4), 6)
+    first, second = prompt.split("\n")
+    assert first == second and first.startswith(recall.COPY_HEADER) and len(first.split()) == 7
+    assert [prompt[a:b] for a, b in spans] == words == first.split()[2:]  # the second line, first word excluded
+    assert all(a > len(first) for a, _ in spans)
+    items = recall.build_prompts(tok, "copy", 128, 3, seed=3)
+    assert all(100 < it["tokens"] <= 128 for it in items) and len({it["prompt"] for it in items}) == 3
+    assert recall.evaluate_task(_Oracle(len(tok), 1), tok, "copy", items, batch_size=2) == 1.0
+    assert recall.evaluate_task(_Oracle(len(tok), 0), tok, "copy", items, batch_size=2) == 0.0
 
 
 def test_scorers_on_hand_made_answers():
@@ -238,7 +251,7 @@ def test_recall_accuracy_runs_and_skips_long_contexts(tok, model):
     out = recall.evaluate_recall(model, tok, cfg, progress=False, warnings=warns)
     # 1024 > max_position_embeddings=512; the needles need more than 64 tokens with this vocabulary
     assert set(out) == {recall.metric_key(t, 128) for t in recall.TASKS} | {
-        "recall_acc@64", "passkey_acc@64", "mqar_acc@64"}
+        "recall_acc@64", "passkey_acc@64", "mqar_acc@64", "copy_acc@64"}
     assert all(0.0 <= v <= 1.0 for v in out.values())
     assert sorted(w.split(":")[0] for w in warns) == ["needle_multikey", "needle_multivalue", "needle_single", "recall"]
     assert any("L=1024 > max_position_embeddings" in w for w in warns)
@@ -396,7 +409,7 @@ def test_run_end_to_end(micro_base, base_manifest, tmp_path):
     assert disk["config"] == cfg and disk["choices"] == {"quant": "none"} and disk["sweep"] == "test"
     q = disk["quality"]
     # eval=quick runs every recall task; with the micro vocabulary the needles need > 64 tokens
-    assert set(q) == {"ppl", "recall_acc@64", "passkey_acc@64", "mqar_acc@64"} | {
+    assert set(q) == {"ppl", "recall_acc@64", "passkey_acc@64", "mqar_acc@64", "copy_acc@64"} | {
         recall.metric_key(t, 128) for t in recall.TASKS}
     assert all(0.0 <= v <= 1.0 for k, v in q.items() if k != "ppl")
     assert sorted(w.split(":")[0] for w in disk["warnings"]) == ["needle_multikey", "needle_multivalue", "needle_single"]

@@ -249,7 +249,7 @@ class PplCfg:
 
 # Synthetic long-context tasks of `eval.recall.tasks` (frontier.evaluate.recall); each gives
 # `<task>_acc@L` in metrics.json quality (kv: `recall_acc@L`).
-RECALL_TASKS = ("kv", "passkey", "needle_single", "needle_multikey", "needle_multivalue", "mqar")
+RECALL_TASKS = ("kv", "passkey", "needle_single", "needle_multikey", "needle_multivalue", "mqar", "copy")
 
 
 @dataclass

@@ -254,12 +254,12 @@ def batches(ids, seq_len: int, batch: int, seed: int, *, tokenizer=None, recall_
 
 
 def _repeat_row(ids, g, rng: random.Random, seq_len: int):
-    """A random corpus window of 8 .. seq_len/4 tokens, repeated to fill the row: every token
+    """A random corpus window of 8 .. seq_len/2 tokens, repeated to fill the row: every token
     after the first copy is predictable only by looking back (the induction / copying signal
     that in-context recall is built on)."""
     import torch
 
-    span = rng.randint(8, max(9, seq_len // 4))
+    span = rng.randint(8, max(9, seq_len // 2))
     start = int(torch.randint(0, ids.numel() - span, (1,), generator=g))
     seg = ids[start:start + span]
     return seg.repeat(seq_len // span + 1)[:seq_len].clone()

@@ -9,6 +9,10 @@ Tasks (`eval.recall.tasks`), each giving `<metric>_acc@L` in metrics.json qualit
   (`frontier.evaluate.ruler`; `eval.recall.needle.keys` / `.values`);
 * `mqar`: multi-query associative recall, `eval.recall.mqar.pairs` pairs and `.queries`
   queries per prompt, scored teacher-forced (`frontier.evaluate.mqar`).
+* `copy`: copying (Jelassi et al. 2024, "Repeat After Me"): a line of random 3-letter words,
+  then the same line again; teacher-forced, a word is right when every one of its tokens in
+  the second copy is predicted; the lookback distance is half the context, so a window shorter
+  than L/2 or a fixed-size state has to fail where full attention need not.
 
 For each context length L, `samples` prompts per task, each filled as close to L tokens as
 possible without exceeding it (binary search on the task's size knob -- pairs or filler
@@ -34,10 +38,10 @@ log = logging.getLogger(__name__)
 PASSKEY_NEEDLE = "The pass key is {key}. Remember it. "
 PASSKEY_QUERY = "What is the pass key? The pass key is"
 FILLER = ruler.FILLER
-TASKS = ("kv", "passkey", "needle_single", "needle_multikey", "needle_multivalue", "mqar")
+TASKS = ("kv", "passkey", "needle_single", "needle_multikey", "needle_multivalue", "mqar", "copy")
 DEFAULT_TASKS = ("kv", "passkey")  # a recall config without `tasks` (before they were configurable)
 METRIC_NAME = {"kv": "recall"}  # kv keeps its historic metric name, recall_acc@L
-TEACHER_FORCED = ("mqar",)
+TEACHER_FORCED = ("mqar", "copy")
 NEEDLE_DEFAULTS = {"keys": 4, "values": 4}  # = frontier.config.NeedleCfg
 MQAR_DEFAULTS = {"pairs": 16, "queries": 4}  # = frontier.config.MqarCfg
 
@@ -68,6 +72,26 @@ def recall_example(rng: random.Random, size: int, depth: float) -> tuple[str, st
     from frontier.data import kv_recall_example
 
     return kv_recall_example(rng, max(1, size), depth)
+
+
+COPY_HEADER = "COPY:"
+
+
+def copy_example(rng: random.Random, n_words: int) -> tuple[str, list[str], list[tuple[int, int]]]:
+    """(prompt, words, char_spans): "COPY: w1 .. wn\nCOPY: w1 .. wn" with random 3-letter words;
+    the spans are the words of the second line except its first (no earlier context predicts
+    where the copy starts: the header before it does, and then every next word)."""
+    from frontier.data import KV_ALPHABET
+
+    words = ["".join(rng.choice(KV_ALPHABET) for _ in range(3)) for _ in range(max(2, n_words))]
+    line = COPY_HEADER + "".join(" " + w for w in words)
+    prompt, spans = line + "\n" + COPY_HEADER, []
+    for i, w in enumerate(words):
+        prompt += " "
+        if i:
+            spans.append((len(prompt), len(prompt) + len(w)))
+        prompt += w
+    return prompt, words[1:], spans
 
 
 def sample_depths(samples: int, depths_cfg: Optional[Sequence[float]] = None) -> list[float]:
@@ -141,6 +165,8 @@ def _task_maker(task: str, tokenizer, opts: dict) -> tuple[Callable, int, int]:
             return (lambda rng, size, depth: _mqar.mqar_example(rng, size, queries)), queries, 26 ** 3
         pairs = int(mq["pairs"])
         return (lambda rng, size, depth: _mqar.mqar_example(rng, pairs, queries, size, count)), 0, 10 ** 9
+    if task == "copy":  # the depth is not used: every word of the second copy is scored
+        return (lambda rng, size, depth: copy_example(rng, size)), 2, 10 ** 6
     raise ValueError(f"unknown recall task {task!r}; allowed: {', '.join(TASKS)}")
 
 
