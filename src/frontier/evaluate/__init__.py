@@ -117,8 +117,7 @@ def _evaluate(rec: dict, ckpt_dir: Path, cfg: dict, progress: bool) -> None:
     mode = ev.get("quality_weights", "auto")
     if mode == "auto":
         mode = "kernel" if device == "cuda" else "dequantized"
-    with contextlib.ExitStack() as stack:
-        dense = stack.enter_context(dequant.dense_view(model)) if mode == "dequantized" else []
+    with (dequant.dense_view(model) if mode == "dequantized" else contextlib.nullcontext([])) as dense:
         quantized = any(dequant.is_quantized_tensor(p) for p in model.parameters())
         rec["quality_weights"] = "dequantized" if dense else ("kernel" if quantized else None)
         if dense:
