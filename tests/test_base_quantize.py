@@ -79,3 +79,6 @@ def test_training_rows_mix_corpus_recall_and_repeat_rows(micro_base):
                               repeat_fraction=0.25))
     assert torch.equal(rows, again)
     assert kinds(next(data.batches(ids, 256, 50, seed=3))) == ["corpus"] * 50
+    # without a tokenizer there are no recall rows, and their share stays corpus rows
+    k = kinds(next(data.batches(ids, 256, 400, seed=3, recall_fraction=0.25, repeat_fraction=0.25)))
+    assert k.count("kv") == 0 and 60 < k.count("repeat") < 140 and k.count("corpus") > 240

@@ -229,7 +229,8 @@ def batches(ids, seq_len: int, batch: int, seed: int, *, tokenizer=None, recall_
     """Endless [batch, seq_len] LongTensor batches of random windows of `ids`.
 
     With `recall_fraction` > 0 (needs the tokenizer) that share of rows is a synthetic
-    key-value recall sequence instead. `rank`/`world` give each data-parallel process
+    key-value recall sequence instead, and with `repeat_fraction` > 0 that share repeats one
+    corpus window (`_repeat_row`). `rank`/`world` give each data-parallel process
     its own stream.
     """
     import torch
@@ -245,7 +246,7 @@ def batches(ids, seq_len: int, batch: int, seed: int, *, tokenizer=None, recall_
             r = rng.random()
             if tokenizer is not None and r < recall_fraction:
                 rows.append(_recall_row(tokenizer, rng, seq_len))
-            elif r < recall_fraction + repeat_fraction:
+            elif recall_fraction <= r < recall_fraction + repeat_fraction:
                 rows.append(_repeat_row(ids, g, rng, seq_len))
             else:
                 start = int(torch.randint(0, n, (1,), generator=g))
