@@ -88,6 +88,13 @@ def test_nf4_matches_codebook_reference(w):
     assert abs(R.relative_error(w, deq) / R.relative_error(w, ref) - 1) < 0.03
     x = torch.randn(2, 256)
     torch.testing.assert_close(l4(x), x @ deq.T, atol=1e-3, rtol=1e-3)
+    # stored bytes: 2 codes per byte in the parameter, plus the quant state bitsandbytes keeps
+    # beside it: uint8 absmax per block of 64, the 16-entry NF4 table, fp32 nested absmax per 256
+    # blocks and the 256-entry nested table
+    codes = 96 * 256 // 2
+    assert l4.weight.numel() * l4.weight.element_size() == codes
+    assert ck.tensor_bytes(l4.weight) == codes + 96 * 256 // 64 + 16 * 4 + 2 * 4 + 256 * 4
+    assert ck.model_weight_bytes(nn.Sequential(l4)) == ck.tensor_bytes(l4.weight)
 
 
 def test_w8a8_matches_reference(w):

@@ -226,9 +226,15 @@ def save_tensors(tensors: dict, path: Path) -> None:
 
 def tensor_bytes(t) -> int:
     """Bytes a tensor really stores, looking inside tensor subclasses (torchao quantized
-    weights keep int data, scales and zero points as inner tensors)."""
+    weights keep int data, scales and zero points as inner tensors) and at the quant state
+    bitsandbytes keeps outside its 4-bit parameter (absmax, nested absmax, code table)."""
     import torch
 
+    qs = getattr(t, "quant_state", None)
+    if qs is not None and type(t).__name__ == "Params4bit":
+        return t.data.numel() * t.data.element_size() + sum(
+            v.numel() * v.element_size() for k, v in qs.as_dict(packed=True).items()
+            if isinstance(v, torch.Tensor) and not k.startswith("quant_state."))
     if type(t) in (torch.Tensor, torch.nn.Parameter):
         return t.numel() * t.element_size()
     if hasattr(t, "__tensor_flatten__"):

@@ -35,6 +35,10 @@ def is_quantized_tensor(t) -> bool:
         and hasattr(t, "__tensor_flatten__")
 
 
+def has_quantized_weights(model) -> bool:
+    return any(is_quantized_tensor(p) for p in model.parameters())
+
+
 def has_act_quant(t) -> bool:
     """The weight's linear quantizes its activations too (w8a8, fp8): not a weight-only function."""
     return getattr(t, "act_quant_kwargs", None) is not None

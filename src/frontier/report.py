@@ -30,6 +30,7 @@ from frontier.collect import (
     FAMILIES,
     cost_lower_is_better,
     format_table,
+    point_parts,
     read_metadata,
 )
 
@@ -39,8 +40,6 @@ from frontier.collect import (
 def short_labels(point_ids) -> dict[str, str]:
     """point_id -> a short label: ``<quant>/<attention>/<finetune>``, prefixed by the model
     and suffixed by the eval only when those vary among ``point_ids`` (full id on a clash)."""
-    from .collect import point_parts
-
     ids = sorted(set(point_ids))
     parts = {p: point_parts(p) for p in ids}
     five = [p for p in ids if parts[p] is not None]

@@ -118,8 +118,8 @@ def _evaluate(rec: dict, ckpt_dir: Path, cfg: dict, progress: bool) -> None:
     if mode == "auto":
         mode = "kernel" if device == "cuda" else "dequantized"
     with (dequant.dense_view(model) if mode == "dequantized" else contextlib.nullcontext([])) as dense:
-        quantized = any(dequant.is_quantized_tensor(p) for p in model.parameters())
-        rec["quality_weights"] = "dequantized" if dense else ("kernel" if quantized else None)
+        rec["quality_weights"] = ("dequantized" if dense else
+                                  "kernel" if dequant.has_quantized_weights(model) else None)
         if dense:
             log.info("quality metrics on dequantized copies of %d quantized linears (the cost ladder "
                      "measures the kernels)", len(dense))

@@ -55,7 +55,7 @@ def weight_stats(model) -> dict:
 
     params = sum(_logical_numel(p) for p in model.parameters())
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    lin_bytes = lin_numel = extra = 0
+    lin_bytes = lin_numel = 0
     seen = set()
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear) or mod is out_emb or name.split(".")[-1] == "lm_head":
@@ -64,19 +64,9 @@ def weight_stats(model) -> dict:
         if id(w) in seen:
             continue
         seen.add(id(w))
-        if type(w).__name__ == "Params4bit" and hasattr(w, "quant_state"):
-            # bitsandbytes NF4: packed codes (2 per byte) + absmax kept in quant_state, outside the
-            # parameter; its logical shape is the Linear's
-            from frontier.quantize.rtn import nf4_bytes
-
-            nb = int(nf4_bytes(w))
-            extra += nb - tensor_bytes(w)
-            lin_bytes += nb
-            lin_numel += _logical_numel(w)
-            continue
-        lin_bytes += tensor_bytes(w)
+        lin_bytes += tensor_bytes(w)  # bitsandbytes NF4: its quant state included
         lin_numel += _logical_numel(w)
-    return {"weight_bytes": int(model_weight_bytes(model)) + int(extra), "params": int(params),
+    return {"weight_bytes": int(model_weight_bytes(model)), "params": int(params),
             "effective_bits": (8.0 * lin_bytes / lin_numel) if lin_numel else None}
 
 

@@ -24,7 +24,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..dequant import dense_weight as _dense_weight, is_quantized_tensor  # noqa: F401 - re-exported
+from ..dequant import (  # noqa: F401 - re-exported
+    dense_weight as _dense_weight, has_quantized_weights, is_quantized_tensor)
 
 DELTA_FILE = "delta.safetensors"
 LORA_FILE = "lora.json"
@@ -47,10 +48,6 @@ def peft_config(d: dict):
 
 
 # ------------------------------------------------------------------ quantized linears
-def has_quantized_weights(model) -> bool:
-    return any(is_quantized_tensor(p) for p in model.parameters())
-
-
 def _make_fn():
     import torch
     import torch.nn.functional as F

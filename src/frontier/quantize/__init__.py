@@ -164,29 +164,11 @@ def quantized_weights(model) -> dict:
     return {name: mod.weight for name, mod in _linears(model)}
 
 
-def _weight_bytes(mod) -> int:
-    w = mod.weight
-    if type(w).__name__ == "Params4bit" and hasattr(w, "quant_state"):
-        from .rtn import nf4_bytes
-
-        return nf4_bytes(w)
-    return checkpoint.tensor_bytes(w)
-
-
 def linear_stats(model) -> dict:
     """Numbers of weights and bytes of the quantized linears (scales and zero points included)."""
     n = sum(mod.in_features * mod.out_features for _, mod in _linears(model))
-    b = sum(_weight_bytes(mod) for _, mod in _linears(model))
+    b = sum(checkpoint.tensor_bytes(mod.weight) for _, mod in _linears(model))
     return {"linear_weights": n, "linear_bytes": b, "effective_bits_per_weight": round(8.0 * b / max(n, 1), 4)}
-
-
-def model_bytes(model) -> int:
-    """checkpoint.model_weight_bytes plus what bitsandbytes keeps outside its parameters."""
-    extra = 0
-    for _, mod in _linears(model):
-        if type(mod.weight).__name__ == "Params4bit":
-            extra += _weight_bytes(mod) - checkpoint.tensor_bytes(mod.weight)
-    return checkpoint.model_weight_bytes(model) + extra
 
 
 def _device() -> str:
@@ -235,7 +217,7 @@ def run(cfg: dict, parent: Path, out_dir: Path, *, tracking_cfg: Optional[dict] 
                               "kv_bits": int(q.get("kv_bits", 16)), "library": LIBRARY.get(method),
                               "format": saved["format"], "files_written": saved["files"],
                               "calibration": calib_info, "quantize_s": round(quant_s, 3), **facts,
-                              **linear_stats(lp.model), "weight_bytes": model_bytes(lp.model)}}
+                              **linear_stats(lp.model), "weight_bytes": checkpoint.model_weight_bytes(lp.model)}}
 
         manifest = checkpoint.save_stage(Path(out_dir), stage="quantize", config=cfg, parent=Path(parent),
                                          write=write, started=started)

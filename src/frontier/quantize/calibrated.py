@@ -277,11 +277,10 @@ def awq_quantize(model, ids: torch.Tensor, q: dict, device: str = "cpu") -> None
 
     # the grid search quantizes each weight `awq_grid` times: packed codes with a plain fp matmul
     # are fast there; the chosen codes are repacked for the low-bit kernel afterwards
-    base = WeightOnlyConfig(bits=q["bits"], group_size=q.get("group_size"), symmetric=bool(q.get("symmetric", False)),
-                            algorithm="rtn", kernel=False)
+    bits, gsz, sym = q["bits"], q.get("group_size"), bool(q.get("symmetric", False))
+    base = WeightOnlyConfig(bits=bits, group_size=gsz, symmetric=sym, algorithm="rtn", kernel=False)
     grid = int(q.get("awq_grid", 20))
     clip = bool(q.get("awq_clip", True))
-    bits, gsz, sym = q["bits"], q.get("group_size"), bool(q.get("symmetric", False))
 
     def per_layer(i, layer, run):
         quantize_(layer, AWQConfig(base, step="prepare", scale_search_space_size=grid),

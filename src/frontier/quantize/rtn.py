@@ -167,10 +167,3 @@ def nf4_state(param) -> dict:
     return {k: v for k, v in param.quant_state.as_dict(packed=True).items()}
 
 
-def nf4_bytes(param) -> int:
-    """Packed codes plus every tensor of the quant state (absmax, nested absmax, code tables)."""
-    total = param.data.numel() * param.data.element_size()
-    for k, v in nf4_state(param).items():
-        if isinstance(v, torch.Tensor) and not k.startswith("quant_state."):
-            total += v.numel() * v.element_size()
-    return total
