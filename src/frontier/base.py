@@ -5,6 +5,9 @@ safetensors, `trust_remote_code` only when the model config says so) and saves i
 `source: embedded` trains the project's own small Llama on CPU: a byte-level BPE
 tokenizer and the model, on the Python standard library's sources mixed with
 synthetic key-value recall — reproducible from the repo, no download.
+`source: gguf` dequantizes a GGUF file (a path, or a file shipped in an installed package)
+into the same safetensors checkpoint; the manifest records the file's sha256 and the
+quantization types it was stored in (`frontier.gguf_file`).
 """
 from __future__ import annotations
 
@@ -119,6 +122,22 @@ def save_hf(cfg: dict, out: Path) -> dict:
     return {"source": m["hf_id"], "params": sum(p.numel() for p in model.parameters())}
 
 
+def save_gguf(cfg: dict, out: Path) -> dict:
+    """Dequantize a GGUF file (frontier.gguf_file) once into the ordinary base checkpoint:
+    safetensors weights + the tokenizer (with its chat template)."""
+    from . import gguf_file
+
+    m = cfg["model"]
+    source = gguf_file.describe(m)
+    model, tok = gguf_file.convert(m, _torch_dtype(m["dtype"]))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    tok.save_pretrained(str(out))
+    model.save_pretrained(str(out), safe_serialization=True)
+    return {"source": source, "params": sum(p.numel() for p in model.parameters())}
+
+
 def run(cfg: dict, out_dir: Path, *, tracking_cfg: Optional[dict] = None, sweep: str = "",
         work_dir: str = "work") -> dict:
     """Build the base checkpoint into `out_dir` (a `_ckpt` dir), atomically."""
@@ -129,6 +148,8 @@ def run(cfg: dict, out_dir: Path, *, tracking_cfg: Optional[dict] = None, sweep:
         def write(tmp: Path) -> dict:
             if cfg["model"]["source"] == "embedded":
                 return train_embedded(cfg, tmp, wb)
+            if cfg["model"]["source"] == "gguf":
+                return save_gguf(cfg, tmp)
             return save_hf(cfg, tmp)
 
         manifest = checkpoint.save_stage(Path(out_dir), stage="base", config=cfg, parent=None,

@@ -54,8 +54,13 @@ class TrainCfg:
 class ModelCfg:
     name: str = _f()
     family: str = _f(choices=("llama", "qwen2", "mistral"))
-    source: str = _f(choices=("embedded", "hf"))
+    source: str = _f(choices=("embedded", "hf", "gguf"))
     hf_id: Optional[str] = _f(None)
+    gguf_file: Optional[str] = _f(None, doc="source=gguf: the GGUF file, a path (absolute or relative to the "
+                                  "working directory) or, with gguf_package, a file name inside that package")
+    gguf_package: Optional[str] = _f(None, doc="source=gguf: an installed Python package that ships gguf_file "
+                                     "(found with importlib, so no machine path is in a config)")
+    pip_hint: Optional[str] = _f(None, doc="what to run when gguf_package is not installed (shown in the error)")
     trust_remote_code: bool = _f(False)
     dtype: str = _f("float32", choices=("float32", "bfloat16", "float16"))
     layers: int = _f(ge=1)
@@ -477,6 +482,10 @@ def validate_point(cfg: dict, *, cuda_available: Optional[bool] = None) -> None:
         raise ConfigError("model.train", "the embedded model needs a train section")
     if m["source"] == "hf" and not m["hf_id"]:
         raise ConfigError("model.hf_id", "a hub id or local path is required when source=hf")
+    if m["source"] == "gguf":
+        from . import gguf_file
+
+        gguf_file.check_model_cfg(m)  # file found, readable, an architecture transformers loads, shapes agree
     if m["source"] == "embedded" and m["heads"] * m["head_dim"] != m["hidden"]:
         raise ConfigError("model.head_dim", f"heads*head_dim must equal hidden ({m['hidden']})")
     if q["method"] == "none" and q["bits"] != 16:
