@@ -79,7 +79,7 @@ def test_task_registry_matches_config():
     assert recall.NEEDLE_DEFAULTS == {f.name: f.default for f in dataclasses.fields(config.NeedleCfg)}
     assert recall.MQAR_DEFAULTS == {f.name: f.default for f in dataclasses.fields(config.MqarCfg)}
     assert [recall.metric_key(t, 128) for t in recall.TASKS] == [
-        "recall_acc@128", "passkey_acc@128", "needle_single_acc@128", "needle_multikey_acc@128",
+        "recall_acc@128", "kv_text_acc@128", "passkey_acc@128", "needle_single_acc@128", "needle_multikey_acc@128",
         "needle_multivalue_acc@128", "mqar_acc@128", "copy_acc@128"]
 
 
@@ -482,3 +482,18 @@ def test_run_failed_parent_propagates_without_loading(micro_base, base_manifest,
                                                           "reason": "ValueError: bad", "parent": "../nowhere/_ckpt"})
     _, disk = _run(ckpt, point_cfg(base_manifest["config"]["data"]), tmp_path)
     assert disk["reason"] == "surgery stage failed: ValueError: bad"
+
+
+def test_kv_text_facts_are_distinct_and_the_query_names_the_fact_at_depth():
+    import random
+
+    from frontier.evaluate import ruler
+
+    for depth in (0.0, 0.5, 1.0):
+        prompt, (answer,) = ruler.kv_text_example(random.Random(3), 40, depth)
+        facts = [f for f in prompt.split(". ")[:-1]]
+        assert len(facts) == 40 and len({f.rsplit(" is ", 1)[0] for f in facts}) == 40
+        queried = prompt.rsplit("What is the code of the ", 1)[1].split("?")[0]
+        index = [f.rsplit(" is ", 1)[0] for f in facts].index(f"The code of the {queried}")
+        assert index == min(int(depth * 40), 39)
+        assert facts[index].endswith(f" is {answer}")

@@ -254,7 +254,7 @@ class PplCfg:
 
 # Synthetic long-context tasks of `eval.recall.tasks` (frontier.evaluate.recall); each gives
 # `<task>_acc@L` in metrics.json quality (kv: `recall_acc@L`).
-RECALL_TASKS = ("kv", "passkey", "needle_single", "needle_multikey", "needle_multivalue", "mqar", "copy")
+RECALL_TASKS = ("kv", "kv_text", "passkey", "needle_single", "needle_multikey", "needle_multivalue", "mqar", "copy")
 
 
 @dataclass
@@ -525,7 +525,12 @@ def validate_point(cfg: dict, *, cuda_available: Optional[bool] = None) -> None:
             for dim_key, dim in (("hidden", m["hidden"]), ("intermediate", m["intermediate"]),
                                  ("heads*head_dim", m["heads"] * m["head_dim"])):
                 if dim % g:
-                    raise ConfigError("quant.group_size", f"{g} must divide model.{dim_key}={dim}")
+                    ok = [x for x in (32, 64, 128, 256) if not (m["hidden"] % x or m["intermediate"] % x
+                                                               or (m["heads"] * m["head_dim"]) % x)]
+                    raise ConfigError("quant.group_size", f"{g} must divide model.{dim_key}={dim} (quant "
+                                      f"option {q['name']!r}, model {m['name']!r}); group sizes this model "
+                                      f"allows: {', '.join(map(str, ok)) or 'none of 32/64/128/256'} (e.g. "
+                                      "quant=int4_g64,gptq4_g64,awq4_g64, or quant.group_size=64)")
         if rule.get("package"):
             import importlib.util
             if importlib.util.find_spec(rule["package"]) is None:

@@ -203,8 +203,8 @@ def _applies(cfg: dict, key: str) -> bool:
 
 def _matches(rule: dict, choices: dict, overrides: dict) -> bool:
     for k, v in rule.items():
-        have = choices.get(k, overrides.get(k))
-        if str(have) != str(v):
+        have = str(choices.get(k, overrides.get(k)))
+        if have not in (map(str, v) if isinstance(v, (list, tuple)) else (str(v),)):  # a list: any of
             return False
     return True
 

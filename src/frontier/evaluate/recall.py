@@ -7,6 +7,9 @@ Tasks (`eval.recall.tasks`), each giving `<metric>_acc@L` in metrics.json qualit
 * `passkey`: a 5-digit pass key hidden in filler text;
 * `needle_single`, `needle_multikey`, `needle_multivalue`: RULER-style needle in a haystack
   (`frontier.evaluate.ruler`; `eval.recall.needle.keys` / `.values`);
+* `kv_text`: key-value retrieval in natural language, for pretrained LLMs: the context is
+  filled with facts "The code of the <word> <word> is <5 digits>." (no filler; every other
+  fact is a distractor), then "What is the code of the <key>? The code of the <key> is";
 * `mqar`: multi-query associative recall, `eval.recall.mqar.pairs` pairs and `.queries`
   queries per prompt, scored teacher-forced (`frontier.evaluate.mqar`).
 * `copy`: copying (Jelassi et al. 2024, "Repeat After Me"): a line of random 3-letter words,
@@ -38,7 +41,7 @@ log = logging.getLogger(__name__)
 PASSKEY_NEEDLE = "The pass key is {key}. Remember it. "
 PASSKEY_QUERY = "What is the pass key? The pass key is"
 FILLER = ruler.FILLER
-TASKS = ("kv", "passkey", "needle_single", "needle_multikey", "needle_multivalue", "mqar", "copy")
+TASKS = ("kv", "kv_text", "passkey", "needle_single", "needle_multikey", "needle_multivalue", "mqar", "copy")
 DEFAULT_TASKS = ("kv", "passkey")  # a recall config without `tasks` (before they were configurable)
 METRIC_NAME = {"kv": "recall"}  # kv keeps its historic metric name, recall_acc@L
 TEACHER_FORCED = ("mqar", "copy")
@@ -146,6 +149,8 @@ def _task_maker(task: str, tokenizer, opts: dict) -> tuple[Callable, int, int]:
             prompt, answer = recall_example(rng, size, depth)
             return prompt, [answer]
         return make, 1, 26 ** 3  # distinct 3-letter keys
+    if task == "kv_text":
+        return (lambda rng, size, depth: ruler.kv_text_example(rng, size, depth)), 1, 4000
     if task == "passkey":
         def make(rng, size, depth):
             prompt, answer = passkey_example(rng, size, depth, count)

@@ -115,6 +115,30 @@ def needle_example(rng: random.Random, variant: str, n_filler_tokens: int, depth
     return prompt, answers
 
 
+KV_FACT = "The code of the {key} is {value}. "
+KV_QUERY = "What is the code of the {key}? The code of the {key} is"
+
+
+def kv_text_example(rng: random.Random, n_pairs: int, depth: float = 0.5) -> tuple[str, list[str]]:
+    """(prompt, [answer]) of natural-language key-value retrieval: `n_pairs` facts "The code of
+    the <word> <word> is <5 digits>." with distinct two-word keys and no filler (every fact is a
+    distractor, as in Lost in the Middle's key-value task), then a query for the fact at `depth`."""
+    n = max(1, int(n_pairs))
+    if n > len(KEY_WORDS) * (len(KEY_WORDS) - 1):
+        raise ValueError(f"at most {len(KEY_WORDS) * (len(KEY_WORDS) - 1)} distinct keys, asked for {n}")
+    keys: list[str] = []
+    seen: set = set()
+    while len(keys) < n:
+        a, b = rng.sample(KEY_WORDS, 2)
+        if (a, b) not in seen:
+            seen.add((a, b))
+            keys.append(f"{a} {b}")
+    values = [str(rng.randrange(10000, 100000)) for _ in range(n)]
+    i = min(int(max(0.0, min(1.0, float(depth))) * n), n - 1)
+    prompt = "".join(KV_FACT.format(key=k, value=v) for k, v in zip(keys, values)) + KV_QUERY.format(key=keys[i])
+    return prompt, [values[i]]
+
+
 # ------------------------------------------------------------------ scoring (pure)
 def found(text: str, answer: str) -> bool:
     """`answer` occurs in `text` as a whole word (not inside a longer number or word)."""
