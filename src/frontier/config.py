@@ -516,7 +516,8 @@ def validate_point(cfg: dict, *, cuda_available: Optional[bool] = None) -> None:
             for dim_key, dim in (("hidden", m["hidden"]), ("intermediate", m["intermediate"]),
                                  ("heads*head_dim", m["heads"] * m["head_dim"])):
                 if dim % g:
-                    raise ConfigError("quant.group_size", f"{g} must divide model.{dim_key}={dim}")
+                    raise ConfigError("quant.group_size", f"{opt}: group_size {g} must divide "
+                                      f"model.{dim_key}={dim} of model {m['name']!r}")
         if rule.get("package"):
             import importlib.util
             if importlib.util.find_spec(rule["package"]) is None:
@@ -612,8 +613,9 @@ def _validate_attention(a: dict, m: dict, ev: dict) -> None:
         if fm == "cosformer":
             longest = max([*ev["recall"]["context_lens"], *ev["cost"]["context_lens"], seq])
             if a["max_len"] <= longest:
-                raise ConfigError("attention.max_len", f"cosformer max_len {a['max_len']} must exceed the longest "
-                                  f"evaluated context ({longest})")
+                raise ConfigError("attention.max_len", f"cosformer max_len {a['max_len']} (attention option "
+                                  f"{a['name']!r}) must exceed the longest evaluated context ({longest}, eval option "
+                                  f"{ev['name']!r}); set attention.max_len above it")
     keep = a.get("keep_softmax")
     if keep is None or kind == "softmax":
         return
