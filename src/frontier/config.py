@@ -166,7 +166,11 @@ class LinearAttnCfg(SwappedAttnCfg):
 @dataclass
 class LolcatsAttnCfg(LinearAttnCfg):
     window: int = _f(64, ge=1)
-    gate_init: float = _f(0.0, doc="initial logit of the per-head window/linear mixing gate (sigmoid)")
+    mix: str = _f("published", choices=("published", "affine"),
+                  doc="window term weighted g = sigmoid(gate), linear term 1 (published: the released LoLCATs "
+                      "configs) or 1 - g (affine)")
+    gate_init: Optional[float] = _f(None, doc="initial gate logit; null: the convention's (published -2.197, "
+                                    "i.e. g = 0.1; affine 0.0, g = 0.5)")
     block_size: int = _f(128, ge=1, doc="query block of the window part")
 
 
