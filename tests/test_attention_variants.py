@@ -49,10 +49,103 @@ def test_lolcats_kernel_matches_reference(L, W, heads):
         for block, chunk in ((4, 4), (128, 64)):
             out = lolcats_attention(q, k, v, fq, fk, gate, W, 0.35, kv, None, block_size=block, chunk_size=chunk)
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
-    # the gate interpolates between pure window softmax (g -> 1) and window + linear
-    only_window = lolcats_attention(q, k, v, fq, fk, torch.full((hq,), 50.0), W, 0.35)
+    # affine: the gate interpolates between pure window softmax (g -> 1) and window + linear
+    only_window = lolcats_attention(q, k, v, fq, fk, torch.full((hq,), 50.0), W, 0.35, mix="affine")
     fk0 = torch.zeros_like(fk)
     torch.testing.assert_close(only_window, lolcats_reference(q, k, v, fq, fk0, torch.zeros(hq), W, 0.35), atol=1e-5, rtol=0)
+
+
+def released_lolcats(q, k, v, f_q, f_k, window_factor, linear_factor, window_size, scale):
+    """The released LoLCATs combination, written from HazyResearch/lolcats
+    src/model/linear_attention/linear_window_attention_sw.py (`get_masks`,
+    `hybrid_attention_quadratic`): kv heads repeated for GQA, the softmax term over the sliding
+    window scaled by `window_factor` after subtracting its row max, the linear term over the
+    older keys scaled by `linear_factor`, numerators and denominators of both summed, one division."""
+    rep = q.shape[1] // k.shape[1]
+    k, v, f_k = (t.repeat_interleave(rep, dim=1) for t in (k, v, f_k))
+    q_len, k_len = q.shape[-2], k.shape[-2]
+    causal_mask = torch.ones(q_len, k_len, dtype=torch.int).tril(k_len - q_len)
+    linear_mask = torch.ones(q_len, k_len, dtype=torch.int).tril(k_len - q_len - window_size)
+    window_mask = (causal_mask - linear_mask)[None, None]
+    a_sm = torch.einsum("bhmd,bhnd->bhmn", q.double(), k.double()) * scale
+    a_sm = a_sm.masked_fill(~window_mask.bool(), -1e8)
+    a_sm = window_factor * torch.exp(a_sm - a_sm.amax(dim=-1, keepdim=True))
+    sum_sm = a_sm.sum(dim=-1, keepdim=True)
+    a_ln = torch.einsum("bhmd,bhnd->bhmn", f_q.double(), f_k.double())
+    a_ln = linear_factor * a_ln.masked_fill(~linear_mask[None, None].bool(), 0)
+    sum_ln = a_ln.sum(dim=-1, keepdim=True)
+    y = torch.einsum("bhmn,bhnd->bhmd", a_sm + a_ln, v.double())
+    return (y / (sum_sm + sum_ln)).float()
+
+
+@pytest.mark.parametrize("L,Lk,W", [(9, 9, 4), (37, 37, 5), (64, 64, 16), (5, 40, 8)])
+@pytest.mark.parametrize("mix", ["published", "affine"])
+def test_lolcats_mix_matches_the_released_combination(L, Lk, W, mix):
+    """published: window g = sigmoid(w), linear 1 (affine_attention_factors: false); affine:
+    linear 1 - g (true). Against the released layer's formula, queries aligned to the last keys."""
+    g = torch.Generator().manual_seed(L + Lk + W)
+    q = torch.randn(2, 4, L, 8, generator=g)
+    k, v = torch.randn(2, 2, Lk, 8, generator=g), torch.randn(2, 2, Lk, 8, generator=g)
+    fq, fk = torch.rand(2, 4, L, 6, generator=g), torch.rand(2, 2, Lk, 6, generator=g)
+    gate = torch.randn(4, generator=g)
+    wf = torch.sigmoid(gate).view(1, 4, 1, 1).double()
+    ref = released_lolcats(q, k, v, fq, fk, wf, 1 - wf if mix == "affine" else 1, W, 8 ** -0.5)
+    for block, chunk in ((4, 4), (128, 64)):
+        out = lolcats_attention(q, k, v, fq, fk, gate, W, 8 ** -0.5, block_size=block, chunk_size=chunk, mix=mix)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lolcats_reference(q, k, v, fq, fk, gate, W, 8 ** -0.5, mix=mix), ref,
+                               atol=1e-5, rtol=1e-5)
+    other = "affine" if mix == "published" else "published"   # the two conventions are different functions
+    assert (lolcats_attention(q, k, v, fq, fk, gate, W, 8 ** -0.5, mix=other) - ref).abs().max() > 1e-3
+
+
+def test_lolcats_convention_and_gate_init_defaults():
+    for over, mix, init in (({}, "published", -2.1972245773362196), ({"mix": "affine"}, "affine", 0.0),
+                            ({"mix": "affine", "gate_init": 1.5}, "affine", 1.5)):
+        model = swap_attention(tiny(layers=1), {**_lolcats_cfg(), **over})
+        attn = model.model.layers[0].self_attn
+        assert attn.mix == mix and torch.all(attn.gate == init)
+    assert torch.sigmoid(torch.tensor(-2.1972245773362196)).item() == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="'mix' must be one of"):
+        swap_attention(tiny(layers=1), {**_lolcats_cfg(), "mix": "convex"})
+
+
+def test_lolcats_mix_is_checked_at_plan_time():
+    from frontier import config as C
+    from frontier import grid
+
+    with pytest.raises(C.ConfigError) as e:
+        grid.plan(["sweep=recovery", "attention=lolcats", "attention.mix=convex"])
+    assert e.value.key == "attention.mix" and "published" in str(e.value) and "affine" in str(e.value)
+    p = grid.plan(["sweep=recovery", "attention=lolcats", "attention.mix=published,affine"])
+    assert {pt.cfg["attention"]["mix"] for pt in p.points} == {"published", "affine"}
+
+
+def test_lolcats_checkpoints_record_the_convention_and_older_ones_load_affine(micro_base, tmp_path):
+    """A surgery manifest states mix and gate_init; one written before `mix` existed (no key)
+    reloads as the (g, 1 - g) convention it was trained with, the stored gate intact."""
+    import json
+
+    from frontier import checkpoint as ck
+    from frontier import config as C
+    from frontier import surgery
+
+    a = {**C.compose((("attention", "lolcats"),))["attention"], "window": 8}
+    d = tmp_path / "lolcats" / "_ckpt"
+    surgery.run({"attention": a}, micro_base, d)
+    spec = ck.read_manifest(d)["attention"]["spec"]
+    assert spec["mix"] == "published" and spec["gate_init"] == pytest.approx(-2.1972245773362196)
+    mods = [m for m in ck.load_point(d).model.modules() if hasattr(m, "mix")]
+    assert mods and all(m.mix == "published" for m in mods)
+    gates = [m.gate.detach().clone() for m in mods]
+    path = d / "manifest.json"
+    man = json.loads(path.read_text())
+    for sec in (man["attention"]["spec"], man["config"]["attention"]):
+        sec.pop("mix"), sec.pop("gate_init")
+    path.write_text(json.dumps(man))
+    old = [m for m in ck.load_point(d).model.modules() if hasattr(m, "mix")]
+    assert all(m.mix == "affine" for m in old)
+    assert all(torch.equal(m.gate, g0) for m, g0 in zip(old, gates))
 
 
 def _lolcats_cfg(window=6):

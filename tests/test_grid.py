@@ -1,4 +1,5 @@
 """Grid expansion with Hydra's grammar, prefix sharing, and plan-time validation."""
+import copy
 import os
 import subprocess
 import sys
@@ -155,14 +156,14 @@ def test_post_with_quant_none_fails_naming_quant_when_and_an_exclude_rule_drops_
     with pytest.raises(C.ConfigError) as e:
         grid.plan(["sweep=demo", "quant=none,int8", "quant.when=pre,post"])
     assert e.value.key == "quant.when" and "exclude" in str(e.value)
-    real = C.compose
+    real = grid._base_config
 
-    def compose(choices):
-        cfg = real(choices)
+    def base_config(name):
+        cfg = copy.deepcopy(real(name))
         cfg["sweep"]["exclude"] = [*cfg["sweep"]["exclude"], {"quant": "none", "quant.when": "post"}]
         return cfg
 
-    monkeypatch.setattr(C, "compose", compose)
+    monkeypatch.setattr(grid, "_base_config", base_config)
     p = grid.plan(["sweep=demo", "quant=none,int8", "quant.when=pre,post", "attention=softmax", "finetune=none"])
     assert sorted(pt.point_id for pt in p.points) == ["tiny/int8/softmax/none/default", "tiny/none/softmax/none/default",
                                                       "tiny/none/softmax/none/int8~when=post/default"]
@@ -191,3 +192,74 @@ def test_quant_sweep_covers_every_option_but_fp8_on_cpu():
         grid.plan(["sweep=quant", "quant=glob(*)"], cuda_available=False)
     assert e.value.key == "quant.method" and "fp8" in str(e.value) and "CUDA" in str(e.value)
     assert "fp8" in {pt.choices["quant"] for pt in grid.plan(["sweep=quant", "quant=glob(*)"], cuda_available=True).points}
+
+
+# ------------------------------------------------------------------ the sweep's own `set:` under command-line axes
+def test_composing_groups_one_by_one_equals_composing_the_combination():
+    """plan() composes each group option once and puts the sections together: the same config
+    as Hydra composing the whole combination (every option of every group is covered)."""
+    options = {g: C.option_names(g) for g in C.GROUPS}
+    for i in range(max(len(v) for v in options.values())):
+        choices = tuple((g, opts[i % len(opts)]) for g, opts in options.items())
+        assert grid.compose_point("ci", choices) == C.compose((("sweep", "ci"),) + choices), choices
+
+
+def test_cli_axis_that_leaves_no_point_with_a_set_entry_skips_it():
+    p = grid.plan(["attention=softmax"])   # demo's finetune.* set: entries; softmax points are finetune none only
+    assert p.points and {pt.choices["finetune"] for pt in p.points} == {"none"}
+    assert {pt.choices["finetune"] for pt in grid.plan(["sweep=ci", "finetune=none"]).points} == {"none"}
+    p = grid.plan(["attention=linear_elu"])   # and they still apply where a point has the key
+    assert {pt.cfg["finetune"]["lora"]["seq_len"] for pt in p.points if pt.choices["finetune"] == "lolcats"} == {128}
+
+
+def _sweep_set(monkeypatch, **extra):
+    real = grid._base_config
+
+    def patched(name):
+        cfg = copy.deepcopy(real(name))
+        cfg["sweep"]["set"].update(extra)
+        return cfg
+
+    monkeypatch.setattr(grid, "_base_config", patched)
+
+
+@pytest.mark.parametrize("cli", [[], ["attention=softmax"], ["quant=int8"]])
+def test_typo_in_the_sweeps_set_fails_naming_the_sweep_file(monkeypatch, cli):
+    _sweep_set(monkeypatch, **{"finetune.lora.seqlen": 64})
+    with pytest.raises(C.ConfigError) as e:
+        grid.plan(cli)
+    assert e.value.key == "finetune.lora.seqlen" and "conf/sweep/demo.yaml" in str(e.value), str(e.value)
+
+
+def test_bad_value_in_the_sweeps_set_names_the_sweep_file(monkeypatch):
+    _sweep_set(monkeypatch, **{"finetune.lora.seq_len": 100000})
+    with pytest.raises(C.ConfigError) as e:
+        grid.plan([])
+    msg = str(e.value)
+    assert e.value.key == "finetune.lora.seq_len" and "max_position" in msg and "conf/sweep/demo.yaml" in msg, msg
+    assert grid.plan(["finetune.lora.seq_len=64"]).points   # the command line's value replaces it
+
+
+def test_a_command_line_typo_is_not_blamed_on_the_sweep_file():
+    with pytest.raises(C.ConfigError) as e:
+        grid.plan(["attention=softmax", "finetune.lora.seqlen=3"])
+    assert e.value.key == "finetune.lora.seqlen" and "conf/sweep" not in str(e.value)
+
+
+OPTIONS = [(g, o) for g in C.GROUPS for o in C.option_names(g)]
+
+
+@pytest.mark.parametrize("sweep", C.option_names("sweep"))
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_single_option_override_plans_on_every_shipped_sweep(sweep, group, option):
+    """`frontier plan sweep=<s> <group>=<option>` for every shipped sweep and option. The only
+    refusals allowed are about the option itself and name it (fp8 without CUDA, a group of 128
+    on the 64-wide micro model, fine-tuning that would train nothing or a frozen quantized
+    weight, cosformer's max_len under eval=long), never a `set:` entry of the sweep file."""
+    try:
+        p = grid.plan([f"sweep={sweep}", f"{group}={option}"], cuda_available=False)
+    except C.ConfigError as e:
+        msg = str(e)
+        assert f"'{option}'" in msg and "sweep file" not in msg, msg
+        pytest.skip(f"refused, naming the option: {msg}")
+    assert p.points and {pt.cfg[group]["name"] for pt in p.points} == {option}

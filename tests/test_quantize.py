@@ -1,4 +1,5 @@
-"""Quantization methods against plain-PyTorch references, their storage and checkpoints,
+"""Quantization methods against plain-PyTorch references (RTN's grid against torchao and GPTQ
+against the published algorithm: test_quantize_reference.py), their storage and checkpoints,
 plan-time checks, the perplexity ordering on a trained micro model, and the int8 KV cache."""
 from __future__ import annotations
 
@@ -42,20 +43,6 @@ def test_bit_packing_roundtrip_uses_exactly_bits_per_code(bits):
     p = pack_bits(q, bits)
     assert p.numel() * p.element_size() == 16 * 64 * bits // 8
     assert torch.equal(unpack_bits(p, bits, (16, 64)), q)
-
-
-@pytest.mark.parametrize("bits,group,sym,tensor,storage_kind", [
-    (8, None, True, "Int8RowTensor", "kernel"),
-    (4, 128, True, "Int4OpaqueTensor", "kernel"),
-    (3, 64, False, "PackedIntxTensor", "dequant"),
-    (5, 32, True, "PackedIntxTensor", "dequant"),
-    (2, 32, False, "PackedIntxTensor", "dequant"),
-    (6, None, False, "PackedIntxTensor", "dequant"),
-])
-def test_rtn_equals_reference(w, bits, group, sym, tensor, storage_kind):
-    t, kind = rtn.quantize_weight(w, rtn.WeightOnlyConfig(bits=bits, group_size=group, symmetric=sym))
-    assert (type(t).__name__, kind) == (tensor, storage_kind)
-    torch.testing.assert_close(_dense(t), R.rtn(w, bits, group, sym), atol=1e-5, rtol=1e-5)
 
 
 def test_rtn_int4_torchao_kernel_matches_reference_error(w):
@@ -108,23 +95,6 @@ def test_w8a8_matches_reference(w):
         y = lin(x)
     e, e_ref = R.relative_error(x @ w.T, y), R.relative_error(x @ w.T, R.w8a8_linear(x, w))
     assert e < 0.05 and e < 1.6 * e_ref, (e, e_ref)
-
-
-def _calibration_inputs(k=256, n=2048, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(k, k, generator=g) * torch.linspace(0.1, 2.0, k)
-    return torch.randn(n, k, generator=g) @ mix  # correlated, unevenly scaled channels
-
-
-@pytest.mark.parametrize("bits,group", [(4, 128), (3, 64), (4, None), (3, None)])
-def test_gptq_beats_rtn_on_calibration_distribution_and_matches_reference(w, bits, group):
-    x = _calibration_inputs()
-    h = 2 * x.T @ x / x.shape[0]
-    codes = calibrated.gptq_codes(w, h, bits, group, False)
-    gq = codes.dequantize()
-    assert R.output_error(w, gq, x) < 0.9 * R.output_error(w, R.rtn(w, bits, group), x)
-    # same algorithm as the unblocked reference (lazy batch updates only reorder float ops)
-    assert R.relative_error(R.gptq(w, x, bits, group), gq) < 1e-4
 
 
 @pytest.mark.parametrize("bits,group", [(4, 128), (3, 64)])

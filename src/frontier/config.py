@@ -171,7 +171,11 @@ class LinearAttnCfg(SwappedAttnCfg):
 @dataclass
 class LolcatsAttnCfg(LinearAttnCfg):
     window: int = _f(64, ge=1)
-    gate_init: float = _f(0.0, doc="initial logit of the per-head window/linear mixing gate (sigmoid)")
+    mix: str = _f("published", choices=("published", "affine"),
+                  doc="window term weighted g = sigmoid(gate), linear term 1 (published: the released LoLCATs "
+                      "configs) or 1 - g (affine)")
+    gate_init: Optional[float] = _f(None, doc="initial gate logit; null: the convention's (published -2.197, "
+                                    "i.e. g = 0.1; affine 0.0, g = 0.5)")
     block_size: int = _f(128, ge=1, doc="query block of the window part")
 
 
@@ -527,8 +531,8 @@ def validate_point(cfg: dict, *, cuda_available: Optional[bool] = None) -> None:
                 if dim % g:
                     ok = [x for x in (32, 64, 128, 256) if not (m["hidden"] % x or m["intermediate"] % x
                                                                or (m["heads"] * m["head_dim"]) % x)]
-                    raise ConfigError("quant.group_size", f"{g} must divide model.{dim_key}={dim} (quant "
-                                      f"option {q['name']!r}, model {m['name']!r}); group sizes this model "
+                    raise ConfigError("quant.group_size", f"{opt}: group_size {g} must divide "
+                                      f"model.{dim_key}={dim} of model {m['name']!r}; group sizes this model "
                                       f"allows: {', '.join(map(str, ok)) or 'none of 32/64/128/256'} (e.g. "
                                       "quant=int4_g64,gptq4_g64,awq4_g64, or quant.group_size=64)")
         if rule.get("package"):
@@ -626,8 +630,9 @@ def _validate_attention(a: dict, m: dict, ev: dict) -> None:
         if fm == "cosformer":
             longest = max([*ev["recall"]["context_lens"], *ev["cost"]["context_lens"], seq])
             if a["max_len"] <= longest:
-                raise ConfigError("attention.max_len", f"cosformer max_len {a['max_len']} must exceed the longest "
-                                  f"evaluated context ({longest})")
+                raise ConfigError("attention.max_len", f"cosformer max_len {a['max_len']} (attention option "
+                                  f"{a['name']!r}) must exceed the longest evaluated context ({longest}, eval option "
+                                  f"{ev['name']!r}); set attention.max_len above it")
     keep = a.get("keep_softmax")
     if keep is None or kind == "softmax":
         return

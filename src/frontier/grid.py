@@ -1,9 +1,12 @@
 """Sweep grid: expand conf/sweep/<name>.yaml (+ command-line overrides) into grid points.
 
 The grid uses Hydra's own override grammar (comma lists, range(), glob()), parsed with
-Hydra's OverridesParser and expanded like Hydra's BasicSweeper. Each group combination is
-composed once; value overrides are applied with OmegaConf (compose() costs ~40 ms, a merge
-~1.5 ms), then every point is validated against the schemas in `frontier.config`.
+Hydra's OverridesParser and expanded like Hydra's BasicSweeper. Hydra composes the sweep's
+base config once and each group option once (`compose()` costs 40 ms to 1 s, whatever it
+composes); a point is the base with its groups' sections put in (group options write only
+under their own group and nothing interpolates across groups, so this equals composing the
+combination: tests/test_grid.py checks it), then value overrides are set, and every point is
+validated against the schemas in `frontier.config`.
 
 A point's stages form a chain: base → quantize → surgery → finetune → evaluate. Each stage
 has a path component (the option name plus a slug of the value overrides that touch it);
@@ -224,31 +227,80 @@ def _split_cli(cli: Iterable[str]) -> tuple[Optional[str], list[str]]:
     return sweep, rest
 
 
+@functools.lru_cache(maxsize=None)
+def _base_config(sweep_name: Optional[str]) -> dict:
+    return C.compose((("sweep", sweep_name),) if sweep_name else ())
+
+
+@functools.lru_cache(maxsize=None)
+def _group_section(group: str, option: str) -> dict:
+    return C.compose(((group, option),))[group]
+
+
+def compose_point(sweep_name: Optional[str], choices: Iterable[tuple]) -> dict:
+    """The composed config of one group combination: the sweep's base config with the chosen
+    options' sections (each composed once per process)."""
+    cfg = copy.deepcopy(_base_config(sweep_name))
+    for group, option in choices:
+        cfg[group] = copy.deepcopy(_group_section(group, option))
+    return cfg
+
+
+def _in_own_grid(key: str, grid_axes: dict, sweep_name: Optional[str]) -> bool:
+    """Whether some option of the sweep's own grid (before command-line overrides) has `key`."""
+    top = key.split(".", 1)[0]
+    if top in C.GROUPS and top in grid_axes:
+        options = [combo[0].split("=", 1)[1] for combo in _expand([f"{top}={grid_axes[top]}"])]
+        return any(_applies(compose_point(sweep_name, [(top, opt)]), key) for opt in options)
+    return _applies(_base_config(sweep_name), key)
+
+
+def _from_set(e: "C.ConfigError", set_values: dict, sweep_file: str) -> "C.ConfigError":
+    """`e` with a note naming the sweep file when a `set:` entry of it is the key (or under it)."""
+    keys = [k for k in set_values if k == e.key or k.startswith(f"{e.key}.") or e.key.startswith(f"{k}.")]
+    if not keys:
+        return e
+    message = str(e)[len(f"config error at '{e.key}': "):]
+    where = ", ".join(f"{k}: {set_values[k]!r}" for k in sorted(keys))
+    return C.ConfigError(e.key, f"{message} (from the sweep file {sweep_file}, `set:` {where})")
+
+
 def plan(cli_overrides: Iterable[str] = (), *, cuda_available: Optional[bool] = None) -> Plan:
     """Expand and validate a sweep. `cli_overrides` e.g. ["sweep=demo", "quant=int8"].
 
     Command-line overrides replace the sweep's axis of the same key (and may be sweeps
-    themselves); value overrides in the sweep's `set:` apply to every point.
+    themselves); value overrides in the sweep's `set:` apply to every point that has the key.
+    A `set:` entry that no point has once the command line replaced an axis (e.g.
+    `finetune.lora.steps` after `attention=softmax` left only `finetune: none` points) is
+    skipped; one that no option of the sweep's own grid has is an error naming the sweep file.
     """
     sweep_name, cli = _split_cli(cli_overrides)
-    base = C.compose((("sweep", sweep_name),) if sweep_name else ())
-    sweep = base["sweep"]
+    base = _base_config(sweep_name)
+    sweep = copy.deepcopy(base["sweep"])
     C.validate_section(sweep, C.SweepCfg, "sweep")
     sweep = {"grid": {}, "exclude": [], "set": {}, **sweep}
+    sweep_file = f"conf/sweep/{sweep_name or sweep['name']}.yaml"
     axes: dict[str, str] = {}
     for k, v in sweep["grid"].items():
         axes[k] = ",".join(map(str, v)) if isinstance(v, list) else str(v)
+    grid_axes = dict(axes)
     for k, v in sweep["set"].items():
         axes.setdefault(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))
+    cli_keys = set()
     for o in cli:
         k, v = o.split("=", 1)
         axes[k.lstrip("+")] = v
+        cli_keys.add(k.lstrip("+"))
+    # the sweep's own `set:` values that the command line left in place
+    set_values = {k: v for k, v in sweep["set"].items() if k not in cli_keys and k not in sweep["grid"]}
     for k in axes:
         top = k.split(".", 1)[0]
         if top not in C.TOP_LEVEL_KEYS or top == "sweep":
-            raise C.ConfigError(k, f"unknown key; allowed: {', '.join(sorted(C.TOP_LEVEL_KEYS - {'sweep'}))}")
+            raise _from_set(C.ConfigError(k, f"unknown key; allowed: {', '.join(sorted(C.TOP_LEVEL_KEYS - {'sweep'}))}"),
+                            set_values, sweep_file)
         if "." not in k and k not in C.GROUPS:
-            raise C.ConfigError(k, f"not a config group; groups are: {', '.join(C.GROUPS)}")
+            raise _from_set(C.ConfigError(k, f"not a config group; groups are: {', '.join(C.GROUPS)}"),
+                            set_values, sweep_file)
     combos = _expand([f"{k}={v}" for k, v in axes.items()])
     for rule in sweep["exclude"]:
         if not isinstance(rule, dict) or not rule:
@@ -272,7 +324,7 @@ def plan(cli_overrides: Iterable[str] = (), *, cuda_available: Optional[bool] = 
             continue
         key = tuple(sorted(choices.items()))
         if key not in composed:
-            composed[key] = C.compose(tuple([("sweep", sweep_name)] if sweep_name else []) + key)
+            composed[key] = compose_point(sweep_name, key)
         cfg = copy.deepcopy(composed[key])
         cfg.pop("sweep", None)
         applied = {}
@@ -284,7 +336,10 @@ def plan(cli_overrides: Iterable[str] = (), *, cuda_available: Optional[bool] = 
         overrides = applied
         fp = json.dumps(cfg, sort_keys=True, default=str)
         if fp not in validated:
-            C.validate_point(cfg, cuda_available=cuda_available)
+            try:
+                C.validate_point(cfg, cuda_available=cuda_available)
+            except C.ConfigError as e:
+                raise _from_set(e, {k: v for k, v in set_values.items() if k in overrides}, sweep_file) from None
             validated[fp] = True
         names = {s: cfg[s]["name"] for s in STAGES}
         post = quant_when(cfg) == "post"
@@ -310,11 +365,9 @@ def plan(cli_overrides: Iterable[str] = (), *, cuda_available: Optional[bool] = 
         out.globals = glob
         out.points.append(Point(point_id=pid, choices=names, overrides=overrides, components=tuple(comps), cfg=cfg))
     value_keys = {k for k in axes if "." in k}
-    # a sweep's `set:` value for a group whose axis the command line replaced may match no point
-    cli_groups = {o.split("=", 1)[0] for o in cli if "." not in o.split("=", 1)[0]}
-    value_keys -= {k for k in sweep["set"] if k.split(".", 1)[0] in cli_groups and not any(
-        o.startswith(f"{k}=") for o in cli)}
     for k in sorted(value_keys - used_keys):
+        if k in set_values and cli and _in_own_grid(k, grid_axes, sweep_name):
+            continue  # valid in the sweep's own grid; the command line removed every point it applies to
         parent = k.rsplit(".", 1)[0]
         allowed: set = set()
         for cfg in composed.values():   # the keys that section has in any point of the sweep
@@ -324,8 +377,11 @@ def plan(cli_overrides: Iterable[str] = (), *, cuda_available: Optional[bool] = 
             if isinstance(sec, dict):
                 allowed |= set(sec)
         if not allowed:
-            raise C.ConfigError(k, f"'{parent}' is not a config section in any point of this sweep")
-        raise C.ConfigError(k, f"unknown key for the options in this sweep; keys under '{parent}': {', '.join(sorted(allowed))}")
+            err = C.ConfigError(k, f"'{parent}' is not a config section in any point of this sweep")
+        else:
+            err = C.ConfigError(k, f"unknown key for the options in this sweep; keys under '{parent}': "
+                                f"{', '.join(sorted(allowed))}")
+        raise _from_set(err, set_values, sweep_file) if k in set_values else err
     if not out.points:
         raise C.ConfigError("sweep.exclude", "the sweep has no points left after exclusions")
     return out

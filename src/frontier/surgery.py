@@ -32,6 +32,9 @@ def run(cfg: dict, parent: Path, out_dir: Path, *, tracking_cfg: Optional[dict] 
             calib = calibration_ids(lp.tokenizer, cfg["data"], int(spec.get("calib_samples", 8)),
                                     int(spec.get("calib_seq_len", 128)), seed=int(cfg["data"].get("seed", 0)))
         spec, diagnostics = attention.resolve_keep_softmax(lp.model, spec, calib)
+        if spec.get("kind") == "lolcats":  # the manifest records the mixing convention and the gate's init
+            full = attention.normalize_config(spec)
+            spec = {**spec, "mix": full["mix"], "gate_init": full["gate_init"]}
         attention.swap_attention(lp.model, spec)
         params = attention.attention_parameters(lp.model)
 
@@ -50,6 +53,10 @@ def run(cfg: dict, parent: Path, out_dir: Path, *, tracking_cfg: Optional[dict] 
 def apply_delta(model, ckpt_dir: Path, manifest: dict):
     # the resolved spec (keep_softmax: auto → the chosen layers); older manifests: the config
     spec = (manifest.get("attention") or {}).get("spec") or manifest["config"]["attention"]
+    if spec.get("kind") == "lolcats" and "mix" not in spec:  # written when (g, 1 - g) was the only convention
+        from .attention.lolcats import LEGACY_MIX
+
+        spec = {**spec, "mix": LEGACY_MIX}
     attention.swap_attention(model, spec)
     params = checkpoint.load_tensors(Path(ckpt_dir) / PARAMS)
     expected = set(attention.attention_parameters(model))

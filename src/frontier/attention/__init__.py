@@ -9,7 +9,13 @@ a config is a plain dict whose ``kind`` picks the module:
 * ``linear`` -- normalised causal linear attention with a feature map from :mod:`.featuremaps`
   (``elu``, ``relu``, ``hedgehog``, ``taylor``, ``performer``, ``cosformer``); chunked O(L)
   prefill, fixed-size recurrent state for decode.
-* ``lolcats`` (:mod:`.lolcats`) -- window softmax + linear attention mixed by a learned gate.
+* ``lolcats`` (:mod:`.lolcats`) -- window softmax + linear attention mixed by a learned per-head
+  gate g = sigmoid(gate), numerators and denominators of both terms summed before one division.
+  ``mix: published`` (default) weights the window term g and the linear term 1, g starting at
+  0.1 -- the released LoLCATs configs (``affine_attention_factors: false``,
+  ``init_window_factor: -2.197``), the paper's numbers; ``mix: affine`` weights them (g, 1 - g),
+  g starting at 0.5 -- frontier's convention before ``mix`` existed (manifests without ``mix``
+  reload with it).
 * any non-softmax kind with ``keep_softmax`` (a list, or ``"auto"`` resolved by
   :func:`resolve_keep_softmax` from calibration diagnostics, :mod:`.hybrid`) is a hybrid.
 

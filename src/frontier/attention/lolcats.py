@@ -4,14 +4,26 @@ For query ``i`` (positions are key indices) with window ``W``, feature map ``phi
 default) and per-head gate ``g = sigmoid(gate_logit)``::
 
     a_ij = g * exp(q_i.k_j * scale - m_i)     for i - W < j <= i   (softmax part, m_i = its row max)
-    a_ij = (1 - g) * phi(q_i).phi(k_j)        for j <= i - W       (linear part)
+    a_ij = c * phi(q_i).phi(k_j)              for j <= i - W       (linear part)
     out_i = sum_j a_ij v_j / sum_j a_ij
 
-This is the formulation of LoLCATs' ``linear_window_attention_sw`` (Zhang et al. 2024): the row
-max only stabilises the window term, the gate learns the balance. Cost: O(L * W) for the window
-part (blockwise, never an ``L x L`` matrix) plus O(L) chunked linear attention over keys lagged by
-``W``; decode keeps the last ``W - 1`` keys/values and the fixed-size linear state of every key
-that left the window (``LolcatsStateLayer``), so memory is bounded in L.
+Both terms share one normalisation: the numerators and the denominators of the window and linear
+parts are summed before the division. The linear weight ``c`` is the mixing convention
+(``mix``):
+
+* ``published`` (default): ``c = 1``, gate logit initialised at ``-2.197`` (g = 0.1). The
+  released LoLCATs configs (Zhang et al. 2024, github.com/HazyResearch/lolcats:
+  ``affine_attention_factors: false``, ``init_window_factor: -2.1972245773362196``), the
+  setting of the paper's reported numbers.
+* ``affine``: ``c = 1 - g``, gate logit initialised at ``0`` (g = 0.5): the released code's
+  ``affine_attention_factors: true``, and frontier's only convention before ``mix`` existed
+  (checkpoints whose manifest spec has no ``mix`` load with it).
+
+``gate_init`` overrides the initial logit. This is LoLCATs' ``linear_window_attention_sw`` (the
+row max only stabilises the window term, the gate learns the balance). Cost: O(L * W) for the
+window part (blockwise, never an ``L x L`` matrix) plus O(L) chunked linear attention over keys
+lagged by ``W``; decode keeps the last ``W - 1`` keys/values and the fixed-size linear state of
+every key that left the window (``LolcatsStateLayer``), so memory is bounded in L.
 """
 
 from __future__ import annotations
@@ -24,7 +36,14 @@ from . import kernels as K
 from .featuremaps import make_feature_map
 from .modules import FrontierAttention, SlidingWindowStateLayer, _ensure_cache_layer
 
+MIX = ("published", "affine")
+GATE_INIT = {"published": -2.1972245773362196, "affine": 0.0}  # logit(0.1), logit(0.5)
+LEGACY_MIX = "affine"  # surgery manifests written before `mix` existed
+
 __all__ = [
+    "GATE_INIT",
+    "LEGACY_MIX",
+    "MIX",
     "LolcatsAttention",
     "LolcatsStateLayer",
     "lolcats_attention",
@@ -108,27 +127,37 @@ def lagged_linear_parts(
     return num[:, :, off:], den[:, :, off:]
 
 
-def _mix(num_w, den_w, num_l, den_l, gate: torch.Tensor, out_dtype) -> torch.Tensor:
-    g = torch.sigmoid(gate.to(num_w.dtype)).view(1, -1, 1)
-    num = g[..., None] * num_w + (1 - g[..., None]) * num_l
-    den = g * den_w + (1 - g) * den_l
+def _factors(gate: torch.Tensor, mix: str, dtype):
+    """(window factor g, linear factor c) per head: c = 1 (published) or 1 - g (affine)."""
+    if mix not in MIX:
+        raise ValueError(f"lolcats mix must be one of {MIX}, got {mix!r}")
+    g = torch.sigmoid(gate.to(dtype))
+    return g, (1 - g) if mix == "affine" else torch.ones_like(g)
+
+
+def _mix(num_w, den_w, num_l, den_l, gate: torch.Tensor, out_dtype, mix: str = "published") -> torch.Tensor:
+    g, c = (t.view(1, -1, 1) for t in _factors(gate, mix, num_w.dtype))
+    num = g[..., None] * num_w + c[..., None] * num_l
+    den = g * den_w + c * den_l
     return (num / torch.where(den > 0, den, torch.ones((), dtype=den.dtype, device=den.device))[..., None]).to(out_dtype)
 
 
 def lolcats_attention(
     q, k, v, fq, fk, gate, window: int, scale: float, key_valid=None, state=None,
-    block_size: int = 128, chunk_size: int = 64,
+    block_size: int = 128, chunk_size: int = 64, mix: str = "published",
 ) -> torch.Tensor:
     """LoLCATs attention for the last ``Lq`` queries over ``Lk`` keys (cached window keys first).
 
     ``q``/``k``: RoPE'd queries/keys (window part); ``fq``/``fk``: their features (linear part);
-    ``gate``: ``[Hq]`` logits; ``state``: linear state of keys older than ``k[0]``."""
+    ``gate``: ``[Hq]`` logits; ``state``: linear state of keys older than ``k[0]``; ``mix``:
+    ``published`` (linear term weighted 1) or ``affine`` (weighted 1 - g)."""
     num_w, den_w = window_softmax_parts(q, k, v, window, scale, key_valid, block_size)
     num_l, den_l = lagged_linear_parts(fq, fk, v, window, state, key_valid, chunk_size)
-    return _mix(num_w, den_w, num_l, den_l, gate, v.dtype)
+    return _mix(num_w, den_w, num_l, den_l, gate, v.dtype, mix)
 
 
-def lolcats_reference(q, k, v, fq, fk, gate, window: int, scale: float, key_valid=None) -> torch.Tensor:
+def lolcats_reference(q, k, v, fq, fk, gate, window: int, scale: float, key_valid=None,
+                      mix: str = "published") -> torch.Tensor:
     """Naive O(L^2) LoLCATs attention with explicit masks (LoLCATs' reference formulation)."""
     groups = K._check_gqa(q, k, v)
     acc = K._acc_dtype(v.dtype)
@@ -144,8 +173,8 @@ def lolcats_reference(q, k, v, fq, fk, gate, window: int, scale: float, key_vali
     s = s.masked_fill(~(win & valid), float("-inf"))
     m = s.amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    g = torch.sigmoid(gate.to(acc)).view(1, -1, 1, 1)
-    a = g * torch.exp(s - m) + (1 - g) * (fq.to(acc) @ fkf.transpose(-1, -2)) * (lin & valid)
+    g, c = (t.view(1, -1, 1, 1) for t in _factors(gate, mix, acc))
+    a = g * torch.exp(s - m) + c * (fq.to(acc) @ fkf.transpose(-1, -2)) * (lin & valid)
     den = a.sum(-1, keepdim=True)
     return ((a @ vf) / torch.where(den > 0, den, torch.ones_like(den))).to(v.dtype)
 
@@ -195,7 +224,8 @@ class LolcatsStateLayer(SlidingWindowStateLayer):
 
 class LolcatsAttention(FrontierAttention):
     """Sliding-window softmax + linear attention (feature map from ``cfg["feature_map"]``,
-    Hedgehog by default) mixed by a learned per-head gate (``gate``: logits, ``gate_init`` at init)."""
+    Hedgehog by default) mixed by a learned per-head gate (``gate``: logits, ``gate_init`` at init;
+    ``mix``: the convention, see the module docstring)."""
 
     kind = "lolcats"
 
@@ -210,8 +240,12 @@ class LolcatsAttention(FrontierAttention):
             {**cfg, "feature_map": cfg.get("feature_map", "hedgehog")}, self.head_dim, self.num_heads,
             self.num_key_value_heads, dtype=dtype, device=w.device,
         )
-        self.gate = nn.Parameter(torch.full((self.num_heads,), float(cfg.get("gate_init", 0.0)), dtype=dtype,
-                                            device=w.device))
+        self.mix = cfg.get("mix", "published")
+        if self.mix not in MIX:
+            raise ValueError(f"attention cfg 'mix' must be one of {MIX}, got {self.mix!r}")
+        init = cfg.get("gate_init")
+        init = GATE_INIT[self.mix] if init is None else float(init)
+        self.gate = nn.Parameter(torch.full((self.num_heads,), init, dtype=dtype, device=w.device))
 
     def _attend(self, q, k, v, valid, cache):
         L = q.shape[2]
@@ -230,7 +264,7 @@ class LolcatsAttention(FrontierAttention):
         fm = self.feature_map
         fq, fk = fm.forward_q(q, pos_k[N - L:]), fm.forward_k(full_k, pos_k)
         out = lolcats_attention(q, full_k, full_v, fq, fk, self.gate, self.window, self.scaling, kv_valid, state,
-                                self.block_size, self.chunk_size)
+                                self.block_size, self.chunk_size, self.mix)
         if layer is not None:
             E = N - (self.window - 1)  # keys that left the window: into the linear state
             acc = K._acc_dtype(v.dtype)

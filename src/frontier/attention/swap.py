@@ -92,8 +92,14 @@ def normalize_config(cfg: dict) -> dict:
             raise ValueError(f"attention cfg 'eps' must be > 0, got {eps!r}")
         out["eps"] = eps
         if kind == "lolcats":
+            from .lolcats import GATE_INIT, MIX
+
             _pos_int(out, "window", 64)
-            out["gate_init"] = float(out.get("gate_init", 0.0))
+            out.setdefault("mix", "published")
+            if out["mix"] not in MIX:
+                raise ValueError(f"attention cfg 'mix' must be one of {MIX}, got {out['mix']!r}")
+            init = out.get("gate_init")
+            out["gate_init"] = GATE_INIT[out["mix"]] if init is None else float(init)
     keep = out.get("keep_softmax")
     if keep is not None and keep != "auto":
         if kind == "softmax":

@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .tensors import Codes, pack
+from .tensors import Codes, choose_qparams, pack, quantize_with
 
 
 # ------------------------------------------------------------------ calibration data
@@ -134,19 +134,13 @@ def gptq_codes(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size, sy
         except torch.linalg.LinAlgError:
             if attempt == 5:
                 raise
-    qmax = 2 ** bits - 1
     G = k // g
     scale = torch.zeros(n, G, device=W.device)
     zero = torch.zeros(n, G, device=W.device)
     Q = torch.zeros(n, k, dtype=torch.uint8, device=W.device)
 
-    def params(blk):
-        if symmetric:
-            s = (blk.abs().amax(dim=1) / (2 ** (bits - 1) - 1)).clamp(min=1e-12)
-            return s, torch.full_like(s, float(2 ** (bits - 1)))
-        lo, hi = blk.amin(dim=1), blk.amax(dim=1)
-        s = ((hi - lo) / qmax).clamp(min=1e-12)
-        return s, torch.clamp(torch.round(-lo / s), 0, qmax)
+    def params(blk):  # the group's grid (same as RTN's), from its current error-corrected weights
+        return choose_qparams(blk, bits, symmetric)
 
     if g == k:
         scale[:, 0], zero[:, 0] = params(W)
@@ -165,7 +159,7 @@ def gptq_codes(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size, sy
                 scale[:, gi], zero[:, gi] = params(W1[:, i:i + g])
             s, z = scale[:, gi], zero[:, gi]
             wc = W1[:, i]
-            q = torch.clamp(torch.round(wc / s) + z, 0, qmax)
+            q = quantize_with(wc, s, z, bits)
             Q[:, col] = q.to(torch.uint8)
             err = (wc - (q - z) * s) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)

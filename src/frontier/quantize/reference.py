@@ -1,9 +1,11 @@
 """Plain-PyTorch reference implementations of the quantization methods, written for clarity.
 
-The tests check each production path (torchao, bitsandbytes, frontier's packed tensors and
-GPTQ) against these: same error level on random matrices, and exact agreement where the
+The tests check each production path (torchao, bitsandbytes, frontier's packed tensors)
+against these: same error level on random matrices, and exact agreement where the
 method is deterministic and the production path stores the same codes. Each returns the
 dequantized weight (float32), group by group, with explicit loops where that reads better.
+(RTN's grid is also checked against torchao's `quant_primitives`, and GPTQ against the paper's
+Algorithm 1 in `tests/gptq_paper.py`.)
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ def rtn(w: torch.Tensor, bits: int, group_size=None, symmetric: bool = False) ->
     """Round-to-nearest, per output row and group of input columns.
 
     symmetric: scale = max|w| / (2**(bits-1) - 1), codes in [-2**(bits-1), 2**(bits-1) - 1].
-    asymmetric: scale = (max - min) / (2**bits - 1), integer zero point = round(-min / scale).
+    asymmetric: the range [min(w, 0), max(w, 0)] (it always holds 0, so one-sign groups are
+    not clipped), scale = range / (2**bits - 1), integer zero point = round(-min / scale).
     """
     w = w.float()
     out = []
@@ -42,9 +45,10 @@ def rtn(w: torch.Tensor, bits: int, group_size=None, symmetric: bool = False) ->
             out.append(q * scale)
         else:
             qmax = 2 ** bits - 1
-            lo, hi = blk.amin(dim=1, keepdim=True), blk.amax(dim=1, keepdim=True)
+            lo = blk.amin(dim=1, keepdim=True).clamp(max=0)
+            hi = blk.amax(dim=1, keepdim=True).clamp(min=0)
             scale = ((hi - lo) / qmax).clamp(min=1e-12)
-            zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
+            zero = torch.round(-lo / scale)
             q = torch.clamp(torch.round(blk / scale) + zero, 0, qmax)
             out.append((q - zero) * scale)
     return torch.cat(out, dim=1)
@@ -92,36 +96,6 @@ def nf4(w: torch.Tensor, block_size: int = 64) -> torch.Tensor:
     return (levels[idx] * absmax).reshape(w.shape)
 
 
-def gptq(w: torch.Tensor, x: torch.Tensor, bits: int, group_size=None, symmetric: bool = False,
-         damp: float = 0.01) -> torch.Tensor:
-    """GPTQ (Frantar et al. 2022, Algorithm 1) without blocking: quantize one column at a time
-    (RTN grid of its group, fixed when the group's first column is reached) and spread the
-    rounding error over the columns not yet quantized through the inverse Hessian of X."""
-    w = w.float().clone()
-    n, k = w.shape
-    g = group_size or k
-    h = x.float().T @ x.float() * (2.0 / x.shape[0])
-    h += damp * torch.diag(h).mean() * torch.eye(k)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    out = torch.zeros_like(w)
-    qmax = 2 ** bits - 1
-    for j in range(k):
-        if j % g == 0:
-            blk = w[:, j:j + g]
-            if symmetric:
-                scale = (blk.abs().amax(dim=1) / (2 ** (bits - 1) - 1)).clamp(min=1e-12)
-                zero = torch.full_like(scale, 2 ** (bits - 1))
-            else:
-                lo, hi = blk.amin(dim=1), blk.amax(dim=1)
-                scale = ((hi - lo) / qmax).clamp(min=1e-12)
-                zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
-        q = torch.clamp(torch.round(w[:, j] / scale) + zero, 0, qmax)
-        out[:, j] = (q - zero) * scale
-        err = (w[:, j] - out[:, j]) / hinv[j, j]
-        w[:, j + 1:] -= err.unsqueeze(1) * hinv[j, j + 1:].unsqueeze(0)
-    return out
-
-
 def effective_bits(bits: int, group_size, k: int, scale_bits: int = 16, zero: bool = True) -> float:
     """Bits per weight including one scale (and zero point) per group."""
     g = group_size or k
@@ -138,7 +112,6 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, x: torch.Tensor) -> float
     return float((ref - x.float() @ w_hat.float().T).norm() / ref.norm().clamp(min=1e-12))
 
 
-
 def w8a8_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """y = x wᵀ with int8 weights (symmetric, per output row) and int8 activations (symmetric,
     per token, computed on the fly), integer products rescaled in float."""
@@ -151,4 +124,4 @@ def w8a8_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
-__all__ = ["NF4_LEVELS", "rtn", "hqq", "nf4", "gptq", "w8a8_linear", "effective_bits", "relative_error", "output_error"]
+__all__ = ["NF4_LEVELS", "rtn", "hqq", "nf4", "w8a8_linear", "effective_bits", "relative_error", "output_error"]

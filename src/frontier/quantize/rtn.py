@@ -23,25 +23,17 @@ import torch
 from torchao.core.config import AOBaseConfig
 from torchao.quantization.transform_module import register_quantize_module_handler
 
-from .tensors import Codes, int4_kernel_ok, pack, quantize_with
+from .tensors import Codes, choose_qparams, int4_kernel_ok, pack, quantize_with
 
 
 # ------------------------------------------------------------------ codes
 def rtn_codes(w: torch.Tensor, bits: int, group_size: Optional[int], symmetric: bool) -> Codes:
-    """Round-to-nearest codes per output row and group (see reference.rtn for the definition)."""
+    """Round-to-nearest codes per output row and group, on the grid of `tensors.choose_qparams`."""
     n, k = w.shape
     g = group_size or k
     wf = w.detach().to(torch.float32).reshape(n, k // g, g)
-    if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        scale = (wf.abs().amax(-1) / qmax).clamp(min=1e-12)
-        zero = torch.full_like(scale, float(2 ** (bits - 1)))
-    else:
-        qmax = 2 ** bits - 1
-        lo, hi = wf.amin(-1), wf.amax(-1)
-        scale = ((hi - lo) / qmax).clamp(min=1e-12)
-        zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
-    q = quantize_with(wf, scale, zero, bits)
+    scale, zero = choose_qparams(wf, bits, symmetric)
+    q = quantize_with(wf, scale.unsqueeze(-1), zero.unsqueeze(-1), bits)
     return Codes(q.to(torch.uint8).reshape(n, k), scale, zero, bits, g, symmetric)
 
 

@@ -5,6 +5,10 @@ Every weight-only method here (RTN, HQQ, GPTQ, AWQ) ends in the same place: inte
 
     W[n, k] ≈ (q[n, k] - zero[n, k // g]) * scale[n, k // g].
 
+RTN, GPTQ and AWQ's clipping search choose that grid in one place, `choose_qparams`
+(torchao's asymmetric affine mapping, whose range always holds 0; or frontier's symmetric
+convention), and round with `quantize_with` (torchao's quantize_affine).
+
 `pack` turns codes into the tensor a `nn.Linear` keeps as its weight:
 
 * 4 bits, groups of 32/64/128, CPU: torchao's `Int4OpaqueTensor` (real packed int4, the
@@ -52,9 +56,40 @@ class Codes:
         return w.view(n, k).to(dtype)
 
 
+EPS = torch.finfo(torch.float32).smallest_normal  # torchao's default minimum scale for fp32 inputs
+
+
+def choose_qparams(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid of each row of `w` [..., g] (float32): (scale, zero) of shape [...], zero in code units.
+
+    Asymmetric: torchao's ``choose_qparams_affine(MappingType.ASYMMETRIC)`` for uint codes
+    0 .. 2**bits - 1: the range always contains 0, [min(w, 0), max(w, 0)], so a group whose
+    weights share one sign is covered to its extreme value (a range [min, max] with the zero
+    point clamped into the code range would clip it); scale = range / (2**bits - 1), clamped
+    at ``EPS``; integer zero point round(-min(w, 0) / scale), which lies in the code range.
+    This is also the grid of GPTQ's released quantizer.
+
+    Symmetric (frontier's convention): torchao's ``MappingType.SYMMETRIC`` on the restricted
+    signed range ±(2**(bits-1) - 1), i.e. scale = max|w| / (2**(bits-1) - 1) (the absmax/127
+    of int8 per-row kernels), stored as unsigned codes with zero = 2**(bits-1). torchao's
+    default full range [-2**(bits-1), 2**(bits-1) - 1] divides by 2**(bits-1) - 0.5 instead.
+    """
+    w = w.to(torch.float32)
+    if symmetric:
+        scale = (w.abs().amax(-1) / (2 ** (bits - 1) - 1)).clamp(min=EPS)
+        return scale, torch.full_like(scale, float(2 ** (bits - 1)))
+    qmax = 2 ** bits - 1
+    lo = torch.clamp(w.amin(-1), max=0.0)
+    hi = torch.clamp(w.amax(-1), min=0.0)
+    scale = ((hi - lo) / qmax).clamp(min=EPS)
+    zero = torch.clamp(-torch.round(lo / scale), 0, qmax)
+    return scale, zero
+
+
 def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes of `w` ([N, g] or [N, G, g]) for given per-row/group scale and zero (broadcast on the last dim)."""
-    return torch.clamp(torch.round(w / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, 2 ** bits - 1)
+    """Codes of `w` for a scale and zero that broadcast against it (as torchao's quantize_affine:
+    round(w * (1 / scale)) + zero, clamped to 0 .. 2**bits - 1)."""
+    return torch.clamp(torch.round(w * (1.0 / scale)) + zero, 0, 2 ** bits - 1)
 
 
 # ------------------------------------------------------------------ bit packing
