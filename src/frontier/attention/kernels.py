@@ -40,6 +40,7 @@ __all__ = [
     "linear_attention_recurrent",
     "linear_attention_recurrent_step",
     "linear_attention_reference",
+    "masked_attention",
     "softmax_attention",
     "sliding_window_attention",
     "sliding_window_reference",
@@ -386,20 +387,63 @@ def linear_attention_prefill(
 # ----------------------------------------------------------------------------------------------
 
 
+def cap_logits(s: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Logit soft-capping ``softcap * tanh(s / softcap)`` (Gemma 2); identity for None."""
+    return s if softcap is None else torch.tanh(s / softcap) * softcap
+
+
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Softmax attention of ``q [B, Hq, C, D]`` over ``k/v [B, Hkv, K, *]`` with a bool ``mask``
+    ``[B|1, 1, C, K]`` (True = visible), GQA without expanding K/V. Without ``softcap``: SDPA. With
+    it: explicit logits ``cap_logits(q.k * scale)`` in float32 (float64 for float64 inputs); a query
+    with no visible key outputs zeros."""
+    groups = _check_gqa(q, k, v)
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=groups > 1)
+    acc = _acc_dtype(v.dtype)
+    B, Hq, C, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    scale = D**-0.5 if scale is None else scale
+    s = (q.to(acc).reshape(B, Hkv, groups * C, D) @ k.to(acc).transpose(-1, -2)).view(B, Hkv, groups, C, Lk)
+    s = cap_logits(s * scale, softcap)
+    m = mask.to(torch.bool)[:, :, None]  # [B|1, 1, 1, C, K]
+    any_vis = m.any(-1, keepdim=True)
+    s = s.masked_fill(~m, float("-inf"))
+    s = torch.where(any_vis, s, torch.zeros((), dtype=acc, device=q.device))  # no NaN, even in backward
+    p = torch.where(any_vis, torch.softmax(s, dim=-1), torch.zeros((), dtype=acc, device=q.device))
+    out = p.view(B, Hkv, groups * C, Lk) @ v.to(acc)
+    return out.view(B, Hq, C, Dv).to(v.dtype)
+
+
+
 def softmax_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     scale: float | None = None,
     key_valid: torch.Tensor | None = None,
+    softcap: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Causal softmax attention via SDPA (GQA without expanding K/V), padding keys masked.
 
     Queries are aligned to the end of the keys (query ``i`` sits at key index ``Lk - Lq + i``).
     A query with no visible key (a left-padding position) gets zeros, as torch's SDPA does.
+    ``softcap`` / ``window`` (a family's logit cap / a local layer's window): the family's own
+    attention, through :func:`sliding_window_attention`.
     """
     _check_gqa(q, k, v)
     Lq, Lk = q.shape[2], k.shape[2]
+    if softcap is not None or window is not None:
+        w = Lk if window is None else min(int(window), Lk)
+        return sliding_window_attention(q, k, v, w, scale=scale, key_valid=key_valid, softcap=softcap)
     gqa = q.shape[1] != k.shape[1]
     if key_valid is None and Lq == Lk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
@@ -448,8 +492,10 @@ def sliding_window_attention(
     scale: float | None = None,
     key_valid: torch.Tensor | None = None,
     block_size: int = 256,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Sliding-window causal softmax, blockwise over query blocks (never an ``Lq x Lk`` mask).
+    ``softcap``: logits soft-capped (:func:`masked_attention`).
 
     Key ``j`` is visible to query ``i`` iff ``pos_i - window < j <= pos_i`` where queries are aligned
     to the end of the keys (``pos_i = Lk - Lq + i``), so a cache holding the last ``window - 1`` keys
@@ -459,7 +505,6 @@ def sliding_window_attention(
     if window < 1:
         raise ValueError("window must be >= 1")
     _check_gqa(q, k, v)
-    gqa = q.shape[1] != k.shape[1]
     Lq, Lk = q.shape[2], k.shape[2]
     off = Lk - Lq
     if off < 0:
@@ -476,9 +521,5 @@ def sliding_window_attention(
         mask = band[None, None]
         if key_valid is not None:
             mask = mask & key_valid[:, None, None, k0:k1].to(torch.bool)
-        outs.append(
-            F.scaled_dot_product_attention(
-                q[:, :, s:e], k[:, :, k0:k1], v[:, :, k0:k1], attn_mask=mask, scale=scale, enable_gqa=gqa
-            )
-        )
+        outs.append(masked_attention(q[:, :, s:e], k[:, :, k0:k1], v[:, :, k0:k1], mask, scale, softcap))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

@@ -21,8 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels as K
-from .featuremaps import make_feature_map
-from .modules import FrontierAttention, SlidingWindowStateLayer, _ensure_cache_layer
+from .modules import (
+    FrontierAttention,
+    SlidingWindowStateLayer,
+    _ensure_cache_layer,
+    _float_dtype,
+    check_softcap,
+    make_module_feature_map,
+)
 
 __all__ = [
     "LolcatsAttention",
@@ -41,11 +47,12 @@ def window_softmax_parts(
     scale: float,
     key_valid: torch.Tensor | None = None,
     block_size: int = 128,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unnormalised sliding-window softmax: ``(sum_j e_ij v_j, sum_j e_ij)`` with
     ``e_ij = exp(s_ij - max_j s_ij)`` over the visible window keys (queries aligned to the end of
-    the keys). Returns ``[B, Hq, Lq, Dv]`` and ``[B, Hq, Lq]`` in fp32 (fp64 for fp64 inputs);
-    rows without a visible key are zero."""
+    the keys; ``s_ij`` soft-capped when ``softcap`` is given). Returns ``[B, Hq, Lq, Dv]`` and
+    ``[B, Hq, Lq]`` in fp32 (fp64 for fp64 inputs); rows without a visible key are zero."""
     groups = K._check_gqa(q, k, v)
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -57,7 +64,7 @@ def window_softmax_parts(
         k0, k1 = max(0, off + s - window + 1), off + e
         qb = q[:, :, s:e].to(acc).reshape(B, Hkv, groups, e - s, D)
         kb, vb = k[:, :, k0:k1].to(acc), v[:, :, k0:k1].to(acc)
-        sc = torch.einsum("bhgqd,bhkd->bhgqk", qb, kb) * scale
+        sc = K.cap_logits(torch.einsum("bhgqd,bhkd->bhgqk", qb, kb) * scale, softcap)
         qpos = torch.arange(s, e, device=q.device)[:, None] + off
         kpos = torch.arange(k0, k1, device=q.device)[None, :]
         mask = ((kpos <= qpos) & (kpos > qpos - window))[None, None, None]
@@ -117,13 +124,14 @@ def _mix(num_w, den_w, num_l, den_l, gate: torch.Tensor, out_dtype) -> torch.Ten
 
 def lolcats_attention(
     q, k, v, fq, fk, gate, window: int, scale: float, key_valid=None, state=None,
-    block_size: int = 128, chunk_size: int = 64,
+    block_size: int = 128, chunk_size: int = 64, softcap: float | None = None,
 ) -> torch.Tensor:
     """LoLCATs attention for the last ``Lq`` queries over ``Lk`` keys (cached window keys first).
 
     ``q``/``k``: RoPE'd queries/keys (window part); ``fq``/``fk``: their features (linear part);
-    ``gate``: ``[Hq]`` logits; ``state``: linear state of keys older than ``k[0]``."""
-    num_w, den_w = window_softmax_parts(q, k, v, window, scale, key_valid, block_size)
+    ``gate``: ``[Hq]`` logits; ``state``: linear state of keys older than ``k[0]``; ``softcap``: the
+    family's logit cap, applied to the window part (the linear part has no logits)."""
+    num_w, den_w = window_softmax_parts(q, k, v, window, scale, key_valid, block_size, softcap)
     num_l, den_l = lagged_linear_parts(fq, fk, v, window, state, key_valid, chunk_size)
     return _mix(num_w, den_w, num_l, den_l, gate, v.dtype)
 
@@ -195,7 +203,9 @@ class LolcatsStateLayer(SlidingWindowStateLayer):
 
 class LolcatsAttention(FrontierAttention):
     """Sliding-window softmax + linear attention (feature map from ``cfg["feature_map"]``,
-    Hedgehog by default) mixed by a learned per-head gate (``gate``: logits, ``gate_init`` at init)."""
+    Hedgehog by default) mixed by a learned per-head gate (``gate``: logits, ``gate_init`` at init).
+    On a local layer the softmax window is ``min(window, layer window)``; the linear part covers every
+    older key. A soft-capped family's cap applies to the window part."""
 
     kind = "lolcats"
 
@@ -204,20 +214,17 @@ class LolcatsAttention(FrontierAttention):
         self.window = int(cfg["window"])
         self.chunk_size = int(cfg.get("chunk_size", 64))
         self.block_size = int(cfg.get("block_size", 128))
-        w = orig.q_proj.weight
-        dtype = w.dtype if torch.is_floating_point(torch.empty((), dtype=w.dtype)) else torch.float32
-        self.feature_map = make_feature_map(
-            {**cfg, "feature_map": cfg.get("feature_map", "hedgehog")}, self.head_dim, self.num_heads,
-            self.num_key_value_heads, dtype=dtype, device=w.device,
-        )
-        self.gate = nn.Parameter(torch.full((self.num_heads,), float(cfg.get("gate_init", 0.0)), dtype=dtype,
-                                            device=w.device))
+        self.feature_map = make_module_feature_map(self, cfg, "hedgehog")
+        self.gate = nn.Parameter(torch.full((self.num_heads,), float(cfg.get("gate_init", 0.0)),
+                                            dtype=_float_dtype(self), device=self.o_proj.weight.device))
 
-    def _attend(self, q, k, v, valid, cache):
+    def _attend(self, q, k, v, valid, cache, *, scale, softcap=None, layer_window=None):
+        check_softcap(self, softcap)
+        window = self.window if layer_window is None else min(self.window, layer_window)
         L = q.shape[2]
         layer, state, start = None, None, 0
         if cache is not None:
-            layer = _ensure_cache_layer(cache, self.layer_idx, LolcatsStateLayer, sliding_window=self.window)
+            layer = _ensure_cache_layer(cache, self.layer_idx, LolcatsStateLayer, sliding_window=window)
             cached = layer.keys.shape[-2] if layer.is_initialized else 0
             start = layer.cumulative_length - cached
             state = layer.get_state()
@@ -229,10 +236,10 @@ class LolcatsAttention(FrontierAttention):
         pos_k = torch.arange(start, start + N, device=q.device)
         fm = self.feature_map
         fq, fk = fm.forward_q(q, pos_k[N - L:]), fm.forward_k(full_k, pos_k)
-        out = lolcats_attention(q, full_k, full_v, fq, fk, self.gate, self.window, self.scaling, kv_valid, state,
-                                self.block_size, self.chunk_size)
+        out = lolcats_attention(q, full_k, full_v, fq, fk, self.gate, window, scale, kv_valid, state,
+                                self.block_size, self.chunk_size, softcap)
         if layer is not None:
-            E = N - (self.window - 1)  # keys that left the window: into the linear state
+            E = N - (window - 1)  # keys that left the window: into the linear state
             acc = K._acc_dtype(v.dtype)
             if state is None:
                 S = torch.zeros(q.shape[0], fk.shape[1], fk.shape[-1], v.shape[-1], dtype=acc, device=q.device)
