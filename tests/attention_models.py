@@ -63,7 +63,7 @@ FAMILY_CONFIGS = {
         "hidden_activation": "gelu_pytorch_tanh"}),
     # q/k norms, query_pre_attn_scalar, local layers with their own RoPE base
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {
-        "head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 16, "layer_types": [_S, _F, _S, _F],
+        "head_dim": 16, "query_pre_attn_scalar": 64, "sliding_window": 16, "layer_types": [_S, _F, _S, _F],
         "rope_parameters": {_S: {"rope_type": "default", "rope_theta": 10.0},
                             _F: {"rope_type": "default", "rope_theta": 10000.0}}}),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),

@@ -25,10 +25,8 @@ from .kernels import (
     linear_attention_recurrent,
     linear_attention_recurrent_step,
     linear_attention_reference,
-    sliding_window_attention,
-    sliding_window_reference,
-    softmax_attention,
 )
+from .softmax import sliding_window_attention, sliding_window_reference, softmax_attention
 from .modules import (
     FrontierAttention,
     LinearAttention,

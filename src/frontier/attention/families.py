@@ -110,12 +110,11 @@ def softcap_refusal(family: str, feature_map: str | None) -> str | None:
     """Why ``feature_map`` cannot replace a soft-capped family's softmax, or None."""
     if feature_map not in SOFTMAX_KERNEL_MAPS:
         return None
-    return (f"model family {family!r} soft-caps its attention logits (softmax over cap*tanh(logit/cap), "
-            f"attn_logit_softcapping), and feature map {feature_map!r} is defined as an estimate of the "
-            "uncapped softmax kernel exp(q.k*scale): it has no capped form (the missing piece), so the surgery "
-            "would be neither the family's attention nor the published map. Use hedgehog, elu, relu or cosformer "
-            "(no such claim; see frontier.attention.families), or a softmax-based variant (sliding_window, "
-            "sink_window, block_sparse, topk), which applies the cap")
+    return (f"model family {family!r} soft-caps its attention logits (attn_logit_softcapping: softmax over "
+            f"cap*tanh(logit/cap)), and feature map {feature_map!r} estimates the uncapped softmax kernel "
+            "exp(q.k*scale): a capped form of that map, which this combination needs, does not exist. Use "
+            "hedgehog, elu, relu or cosformer (maps that make no such claim; see frontier.attention.families), "
+            "or a softmax-based variant (sliding_window, sink_window, block_sparse, topk), which applies the cap")
 
 
 def refusal(family: str, attention_cfg: dict) -> tuple[str, str] | None:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels as K
+from .softmax import cap_logits
 from .modules import (
     FrontierAttention,
     SlidingWindowStateLayer,
@@ -64,7 +65,7 @@ def window_softmax_parts(
         k0, k1 = max(0, off + s - window + 1), off + e
         qb = q[:, :, s:e].to(acc).reshape(B, Hkv, groups, e - s, D)
         kb, vb = k[:, :, k0:k1].to(acc), v[:, :, k0:k1].to(acc)
-        sc = K.cap_logits(torch.einsum("bhgqd,bhkd->bhgqk", qb, kb) * scale, softcap)
+        sc = cap_logits(torch.einsum("bhgqd,bhkd->bhgqk", qb, kb) * scale, softcap)
         qpos = torch.arange(s, e, device=q.device)[:, None] + off
         kpos = torch.arange(k0, k1, device=q.device)[None, :]
         mask = ((kpos <= qpos) & (kpos > qpos - window))[None, None, None]

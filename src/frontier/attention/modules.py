@@ -30,6 +30,7 @@ from torch import nn
 from transformers.cache_utils import CacheLayerMixin
 
 from . import kernels as K
+from .softmax import sliding_window_attention, softmax_attention
 from .caches import (  # noqa: F401  (re-exported: the variant modules and tests import them from here)
     KeyValidityMixin,
     LinearStateLayer,
@@ -227,7 +228,7 @@ class FrontierAttention(nn.Module):
         out = self._attend(q, k, v, valid, cache, scale=scale, softcap=cap, layer_window=window)
         if self.transfer_mode:
             self._student = (out, valid)
-            out = K.softmax_attention(q, k, v, scale=scale, key_valid=valid, softcap=cap, window=window)
+            out = softmax_attention(q, k, v, scale=scale, key_valid=valid, softcap=cap, window=window)
         return out.transpose(1, 2).contiguous(), None
 
 
@@ -248,11 +249,11 @@ class SlidingWindowAttention(FrontierAttention):
         w = self.window if layer_window is None else min(self.window, layer_window)
         kw = dict(scale=scale, block_size=self.block_size, softcap=softcap)
         if cache is None:
-            return K.sliding_window_attention(q, k, v, w, key_valid=valid, **kw)
+            return sliding_window_attention(q, k, v, w, key_valid=valid, **kw)
         layer = _ensure_cache_layer(cache, self.layer_idx, SlidingWindowStateLayer, sliding_window=w)
         full_k, full_v, full_valid = layer.update_with_validity(k, v, valid)
         kv_valid = None if bool(full_valid.all()) else full_valid
-        return K.sliding_window_attention(q, full_k, full_v, w, key_valid=kv_valid, **kw)
+        return sliding_window_attention(q, full_k, full_v, w, key_valid=kv_valid, **kw)
 
 
 def make_module_feature_map(module: FrontierAttention, cfg: dict, default: str):

@@ -50,7 +50,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
-from .kernels import _acc_dtype, _check_gqa, _expand_kv, cap_logits, masked_attention
+from .kernels import _acc_dtype, _check_gqa, _expand_kv
+from .softmax import cap_logits, masked_attention
 from .caches import FamilyMaskSizes
 from .modules import FrontierAttention, KeyValidityMixin, _ensure_cache_layer
 
