@@ -25,7 +25,7 @@ from frontier.attention import (
     swap_attention,
     transfer_losses,
 )
-from frontier.attention.families import FAMILIES, SOFTMAX_KERNEL_MAPS
+from frontier.families import FAMILIES, SOFTMAX_KERNEL_MAPS
 
 FAMS = list(FAMILY_CONFIGS)
 L = 48

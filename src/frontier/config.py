@@ -14,6 +14,8 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any, Optional
 
+from .families import FAMILIES, refusal as family_refusal
+
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 EMBEDDED_FAMILIES = ("llama", "qwen2", "mistral")  # the families base.llama_config builds
 GROUPS = ("model", "quant", "attention", "finetune", "eval", "hardware", "tracking")
@@ -54,8 +56,8 @@ class TrainCfg:
 @dataclass
 class ModelCfg:
     name: str = _f()
-    family: str = _f(choices=("llama", "qwen2", "mistral", "qwen3", "gemma2", "gemma3", "olmo2", "granite", "phi3"),
-                     doc="decoder family (frontier.attention.families); source=embedded builds llama, qwen2 or mistral")
+    family: str = _f(choices=tuple(FAMILIES), doc="decoder family (frontier.families); source=embedded builds "
+                                                  "llama, qwen2 or mistral")
     source: str = _f(choices=("embedded", "hf"))
     hf_id: Optional[str] = _f(None)
     trust_remote_code: bool = _f(False)
@@ -593,9 +595,7 @@ def _validate_attention(a: dict, m: dict, ev: dict) -> None:
     feature-map limits, the hybrid layer choice, what the model family supports."""
     seq = ev["ppl"]["seq_len"]
     kind = a["kind"]
-    from .attention.families import refusal
-
-    refused = refusal(m["family"], a)
+    refused = family_refusal(m["family"], a)
     if refused:
         raise ConfigError(*refused)
     if kind in ("sliding_window", "sink_window", "lolcats") and a["window"] >= seq:
