@@ -104,5 +104,6 @@ def family_model(family: str, seed: int = 0, impl: str = "eager", layers: int = 
         for name in ("q_norm", "k_norm"):
             norm = getattr(attn, name, None)
             if norm is not None:
-                norm.weight.copy_(torch.randn(norm.weight.shape, generator=g) * 0.5 + (0.0 if "Gemma" in type(norm).__name__ else 1.0))
+                one = 0.0 if "Gemma" in type(norm).__name__ else 1.0  # Gemma's RMSNorm scales by (1 + weight)
+                norm.weight.copy_(torch.randn(norm.weight.shape, generator=g) * 0.5 + one)
     return model

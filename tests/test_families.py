@@ -94,14 +94,18 @@ def test_local_layers_keep_their_own_window(family):
     model = family_model(family)
     layers = range(len(model.model.layers))
     # Mistral: config.sliding_window on every layer; Gemma: the local layers of layer_types
-    local = list(layers) if family == "mistral" else [i for i in layers if model.config.layer_types[i] == "sliding_attention"]
+    if family == "mistral":
+        local = list(layers)
+    else:
+        local = [i for i in layers if model.config.layer_types[i] == "sliding_attention"]
     own = FAMILY_CONFIGS[family][2]["sliding_window"]
     assert local and own < L
     ids = rand_ids(2, L)
     ref = model(ids).logits
     keep = [i for i in layers if i not in local] or None
     for window, equal in ((own, True), (own + 7, True), (own - 3, False)):
-        swapped = swap_attention(family_model(family), {"kind": "sliding_window", "window": window, "keep_softmax": keep})
+        cfg = {"kind": "sliding_window", "window": window, "keep_softmax": keep}
+        swapped = swap_attention(family_model(family), cfg)
         assert (rel(swapped(ids).logits, ref) < 1e-5) == equal, window
 
 
