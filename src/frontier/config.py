@@ -14,7 +14,10 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any, Optional
 
+from .families import FAMILIES, refusal as family_refusal
+
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+EMBEDDED_FAMILIES = ("llama", "qwen2", "mistral")  # the families base.llama_config builds
 GROUPS = ("model", "quant", "attention", "finetune", "eval", "hardware", "tracking")
 # Which pipeline stage (and so which path component) each top-level key belongs to.
 dataclass = functools.partial(dataclasses.dataclass, kw_only=True)
@@ -53,7 +56,8 @@ class TrainCfg:
 @dataclass
 class ModelCfg:
     name: str = _f()
-    family: str = _f(choices=("llama", "qwen2", "mistral"))
+    family: str = _f(choices=tuple(FAMILIES), doc="decoder family (frontier.families); source=embedded builds "
+                                                  "llama, qwen2 or mistral")
     source: str = _f(choices=("embedded", "hf", "gguf"))
     hf_id: Optional[str] = _f(None)
     gguf_file: Optional[str] = _f(None, doc="source=gguf: the GGUF file, a path (absolute or relative to the "
@@ -482,6 +486,9 @@ def validate_point(cfg: dict, *, cuda_available: Optional[bool] = None) -> None:
     m, q, a, ft, ev = cfg["model"], cfg["quant"], cfg["attention"], cfg["finetune"], cfg["eval"]
     if m["heads"] % m["kv_heads"]:
         raise ConfigError("model.kv_heads", f"must divide model.heads={m['heads']}, got {m['kv_heads']}")
+    if m["source"] == "embedded" and m["family"] not in EMBEDDED_FAMILIES:
+        raise ConfigError("model.family", f"the embedded model is built as {', '.join(EMBEDDED_FAMILIES)}, got "
+                          f"{m['family']!r}; use source: hf for other families")
     if m["source"] == "embedded" and m["train"] is None:
         raise ConfigError("model.train", "the embedded model needs a train section")
     if m["source"] == "hf" and not m["hf_id"]:
@@ -603,9 +610,12 @@ def attention_has_params(a: dict) -> bool:
 
 def _validate_attention(a: dict, m: dict, ev: dict) -> None:
     """Cross-field rules of the attention group: windows and patterns shorter than the evaluation,
-    feature-map limits, the hybrid layer choice."""
+    feature-map limits, the hybrid layer choice, what the model family supports."""
     seq = ev["ppl"]["seq_len"]
     kind = a["kind"]
+    refused = family_refusal(m["family"], a)
+    if refused:
+        raise ConfigError(*refused)
     if kind in ("sliding_window", "sink_window", "lolcats") and a["window"] >= seq:
         raise ConfigError("attention.window", f"window {a['window']} must be below eval.ppl.seq_len={seq} or it equals softmax")
     if kind == "block_sparse" and a["block_size"] * (a["local_blocks"] + a["global_blocks"]) >= seq:

@@ -19,7 +19,11 @@ a config is a plain dict whose ``kind`` picks the module:
 * any non-softmax kind with ``keep_softmax`` (a list, or ``"auto"`` resolved by
   :func:`resolve_keep_softmax` from calibration diagnostics, :mod:`.hybrid`) is a hybrid.
 
-See :mod:`frontier.attention.modules` for how masks, padding and the cache are handled.
+Every family in :data:`frontier.families.FAMILIES` (Llama, Qwen2/3, Mistral, Gemma 2/3, OLMo2,
+Granite, Phi-3) keeps its own projections, q/k norms, RoPE, scaling and logit cap: the swapped
+module runs the family's attention code and replaces only the attention function and its cache
+(:mod:`.families`). See :mod:`.modules` for how masks and padding are handled, :mod:`.caches` for
+the cache layers.
 """
 
 from .kernels import (
@@ -31,10 +35,8 @@ from .kernels import (
     linear_attention_recurrent,
     linear_attention_recurrent_step,
     linear_attention_reference,
-    sliding_window_attention,
-    sliding_window_reference,
-    softmax_attention,
 )
+from .softmax import sliding_window_attention, sliding_window_reference, softmax_attention
 from .modules import (
     FrontierAttention,
     LinearAttention,

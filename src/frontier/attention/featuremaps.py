@@ -46,7 +46,8 @@ Maps (``cfg["feature_map"]``; cfg keys and defaults in :data:`FEATURE_MAP_KEYS`)
     buffer, no parameters).
 ``performer`` (FAVOR+, Choromanski et al. 2021)
     Positive orthogonal random features ``phi(x) = exp(w^T x' - |x'|^2 / 2) / sqrt(m)`` with
-    ``x' = x / D^(1/4)``, so ``E[phi(x).phi(y)] = exp(x.y / sqrt(D))`` (softmax's kernel).
+    ``x' = x * sqrt(scale)``, so ``E[phi(x).phi(y)] = exp(scale * x.y)`` (softmax's kernel; ``scale``
+    is the layer's logit scale, ``1/sqrt(D)`` unless the family sets another).
     ``omega: [m, D]`` (``m = feature_dim``, default 64), shared by all heads, blocks of D orthogonal
     Gaussian directions with chi-distributed norms, stored as a persistent buffer (a checkpoint
     reproduces it), drawn from a CPU generator seeded by ``seed`` (default 0), so all ranks draw the
@@ -180,8 +181,11 @@ def make_feature_map(
     num_kv_heads: int,
     dtype: torch.dtype | None = None,
     device=None,
+    scale: float | None = None,
 ) -> FeatureMap:
-    """Build the feature map named by ``cfg["feature_map"]`` (validated, defaults filled)."""
+    """Build the feature map named by ``cfg["feature_map"]`` (validated, defaults filled).
+    ``scale``: the softmax logit scale the Taylor/Performer maps approximate (default head_dim**-0.5;
+    Gemma's query_pre_attn_scalar and Granite's attention_multiplier differ)."""
     c = validate_feature_map_cfg(cfg)
     head_dim, num_heads, num_kv_heads = int(head_dim), int(num_heads), int(num_kv_heads)
     if head_dim < 1 or num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
@@ -195,7 +199,7 @@ def make_feature_map(
     if name == "hedgehog":
         return HedgehogFeatureMap(feature_dim=c["feature_dim"], **common)
     if name == "taylor":
-        return TaylorFeatureMap(feature_dim=c["feature_dim"], learned=c["learned_map"], **common)
+        return TaylorFeatureMap(feature_dim=c["feature_dim"], learned=c["learned_map"], scale=scale, **common)
     if name == "performer":
         return PerformerFeatureMap(
             num_features=c["feature_dim"],
@@ -203,6 +207,7 @@ def make_feature_map(
             redraw_interval=c["redraw_interval"],
             learned=c["learned_map"],
             stabilize=c["stabilize"],
+            scale=scale,
             **common,
         )
     return CosformerFeatureMap(max_len=c["max_len"], learned=c["learned_map"], **common)
@@ -411,11 +416,13 @@ class TaylorFeatureMap(FeatureMap):
         learned: bool = True,
         dtype: torch.dtype | None = None,
         device=None,
+        scale: float | None = None,
     ):
         d = int(feature_dim)
         super().__init__(head_dim, num_heads, num_kv_heads, 1 + d + d * (d + 1) // 2, learned)
         self.proj_dim = d
-        scale = (d / head_dim) ** 0.25
+        # t/sqrt(d') = logit scale * q.k at init: c^2/sqrt(d') = scale (c = (d'/D)^(1/4) for scale D^-1/2)
+        scale = (d * (head_dim**-0.5 if scale is None else scale) ** 2) ** 0.25
         if self.learned:
             self.q_weight = nn.Parameter(_eye_init(head_dim, d, num_heads, scale, dtype=dtype, device=device))
             self.k_weight = nn.Parameter(_eye_init(head_dim, d, num_kv_heads, scale, dtype=dtype, device=device))
@@ -458,7 +465,7 @@ class TaylorFeatureMap(FeatureMap):
 
 class PerformerFeatureMap(FeatureMap):
     """FAVOR+ positive orthogonal random features ``exp(w^T x' - |x'|^2/2) / sqrt(m)``,
-    ``x' = x / D^(1/4)``; ``omega [m, D]`` a persistent buffer shared by all heads. F = m."""
+    ``x' = x * sqrt(scale)``; ``omega [m, D]`` a persistent buffer shared by all heads. F = m."""
 
     kind = "performer"
 
@@ -474,8 +481,11 @@ class PerformerFeatureMap(FeatureMap):
         stabilize: bool = True,
         dtype: torch.dtype | None = None,
         device=None,
+        scale: float | None = None,
     ):
         super().__init__(head_dim, num_heads, num_kv_heads, num_features, learned)
+        #: x' = x * sqrt(scale): E[phi(q).phi(k)] = exp(q.k * scale) (scale: head_dim**-0.5 by default)
+        self.input_scale = float(head_dim**-0.5 if scale is None else scale) ** 0.5
         self.seed = int(seed)
         self.redraw_interval = int(redraw_interval)
         self.stabilize = bool(stabilize)
@@ -526,7 +536,7 @@ class PerformerFeatureMap(FeatureMap):
         """phi of (already pre-projected) ``x [..., D]``; ``is_query`` with ``stabilize`` applies the
         per-row query stabiliser (features then equal phi times a per-row constant)."""
         acc = _acc_dtype(x.dtype)
-        xs = x.to(acc) * self.head_dim**-0.25
+        xs = x.to(acc) * self.input_scale
         u = xs @ self.omega.to(acc).T  # [..., m], fresh
         inplace = _inference(u)
         if is_query and self.stabilize:

@@ -1,5 +1,5 @@
-"""Pure attention kernels: causal linear attention (chunked and recurrent), sliding-window softmax,
-and naive quadratic references used by the tests.
+"""Pure attention kernels: causal linear attention (chunked and recurrent) and its naive quadratic
+reference used by the tests (softmax kernels: :mod:`frontier.attention.softmax`).
 
 Layout conventions (all functions):
 
@@ -40,9 +40,6 @@ __all__ = [
     "linear_attention_recurrent",
     "linear_attention_recurrent_step",
     "linear_attention_reference",
-    "softmax_attention",
-    "sliding_window_attention",
-    "sliding_window_reference",
 ]
 
 LinearState = tuple[torch.Tensor, torch.Tensor]
@@ -379,106 +376,3 @@ def linear_attention_prefill(
         q_map=q_map,
         k_map=k_map,
     )
-
-
-# ----------------------------------------------------------------------------------------------
-# softmax attention
-# ----------------------------------------------------------------------------------------------
-
-
-def softmax_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    scale: float | None = None,
-    key_valid: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Causal softmax attention via SDPA (GQA without expanding K/V), padding keys masked.
-
-    Queries are aligned to the end of the keys (query ``i`` sits at key index ``Lk - Lq + i``).
-    A query with no visible key (a left-padding position) gets zeros, as torch's SDPA does.
-    """
-    _check_gqa(q, k, v)
-    Lq, Lk = q.shape[2], k.shape[2]
-    gqa = q.shape[1] != k.shape[1]
-    if key_valid is None and Lq == Lk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    qpos = torch.arange(Lq, device=q.device) + (Lk - Lq)
-    kpos = torch.arange(Lk, device=q.device)
-    mask = (kpos[None, :] <= qpos[:, None])[None, None]
-    if key_valid is not None:
-        mask = mask & key_valid[:, None, None, :].to(torch.bool)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-
-
-def sliding_window_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    window: int,
-    scale: float | None = None,
-    key_valid: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Naive masked softmax: key ``j`` visible to query ``i`` iff ``i - window < j <= i`` (and valid).
-
-    Positions are key indices; queries are aligned to the end of the keys. Fully masked rows -> 0.
-    """
-    groups = _check_gqa(q, k, v)
-    acc = _acc_dtype(v.dtype)
-    Lq, Lk = q.shape[2], k.shape[2]
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    qf, kf, vf = q.to(acc), _expand_kv(k.to(acc), groups), _expand_kv(v.to(acc), groups)
-    qpos = torch.arange(Lq, device=q.device)[:, None] + (Lk - Lq)
-    kpos = torch.arange(Lk, device=q.device)[None, :]
-    mask = ((kpos <= qpos) & (kpos > qpos - window))[None, None]
-    if key_valid is not None:
-        mask = mask & key_valid[:, None, None, :].to(torch.bool)
-    s = (qf @ kf.transpose(-1, -2)) * scale
-    s = s.masked_fill(~mask, float("-inf"))
-    p = torch.softmax(s, dim=-1)
-    p = torch.nan_to_num(p, nan=0.0)
-    return (p @ vf).to(v.dtype)
-
-
-def sliding_window_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    window: int,
-    scale: float | None = None,
-    key_valid: torch.Tensor | None = None,
-    block_size: int = 256,
-) -> torch.Tensor:
-    """Sliding-window causal softmax, blockwise over query blocks (never an ``Lq x Lk`` mask).
-
-    Key ``j`` is visible to query ``i`` iff ``pos_i - window < j <= pos_i`` where queries are aligned
-    to the end of the keys (``pos_i = Lk - Lq + i``), so a cache holding the last ``window - 1`` keys
-    followed by the new keys works as is. Each query block runs SDPA over its band of at most
-    ``block + window - 1`` keys: O(L * (window + block)) time, O(block * (block + window)) extra memory.
-    """
-    if window < 1:
-        raise ValueError("window must be >= 1")
-    _check_gqa(q, k, v)
-    gqa = q.shape[1] != k.shape[1]
-    Lq, Lk = q.shape[2], k.shape[2]
-    off = Lk - Lq
-    if off < 0:
-        raise ValueError("fewer keys than queries")
-    outs = []
-    bs = max(1, block_size)
-    for s in range(0, Lq, bs):
-        e = min(Lq, s + bs)
-        k0 = max(0, off + s - window + 1)
-        k1 = off + e
-        qpos = torch.arange(s, e, device=q.device)[:, None] + off
-        kpos = torch.arange(k0, k1, device=q.device)[None, :]
-        band = (kpos <= qpos) & (kpos > qpos - window)
-        mask = band[None, None]
-        if key_valid is not None:
-            mask = mask & key_valid[:, None, None, k0:k1].to(torch.bool)
-        outs.append(
-            F.scaled_dot_product_attention(
-                q[:, :, s:e], k[:, :, k0:k1], v[:, :, k0:k1], attn_mask=mask, scale=scale, enable_gqa=gqa
-            )
-        )
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

@@ -33,8 +33,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels as K
-from .featuremaps import make_feature_map
-from .modules import FrontierAttention, SlidingWindowStateLayer, _ensure_cache_layer
+from .softmax import cap_logits
+from .modules import (
+    FrontierAttention,
+    SlidingWindowStateLayer,
+    _ensure_cache_layer,
+    _float_dtype,
+    check_softcap,
+    make_module_feature_map,
+)
 
 MIX = ("published", "affine")
 GATE_INIT = {"published": -2.1972245773362196, "affine": 0.0}  # logit(0.1), logit(0.5)
@@ -60,11 +67,12 @@ def window_softmax_parts(
     scale: float,
     key_valid: torch.Tensor | None = None,
     block_size: int = 128,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unnormalised sliding-window softmax: ``(sum_j e_ij v_j, sum_j e_ij)`` with
     ``e_ij = exp(s_ij - max_j s_ij)`` over the visible window keys (queries aligned to the end of
-    the keys). Returns ``[B, Hq, Lq, Dv]`` and ``[B, Hq, Lq]`` in fp32 (fp64 for fp64 inputs);
-    rows without a visible key are zero."""
+    the keys; ``s_ij`` soft-capped when ``softcap`` is given). Returns ``[B, Hq, Lq, Dv]`` and
+    ``[B, Hq, Lq]`` in fp32 (fp64 for fp64 inputs); rows without a visible key are zero."""
     groups = K._check_gqa(q, k, v)
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -76,7 +84,7 @@ def window_softmax_parts(
         k0, k1 = max(0, off + s - window + 1), off + e
         qb = q[:, :, s:e].to(acc).reshape(B, Hkv, groups, e - s, D)
         kb, vb = k[:, :, k0:k1].to(acc), v[:, :, k0:k1].to(acc)
-        sc = torch.einsum("bhgqd,bhkd->bhgqk", qb, kb) * scale
+        sc = cap_logits(torch.einsum("bhgqd,bhkd->bhgqk", qb, kb) * scale, softcap)
         qpos = torch.arange(s, e, device=q.device)[:, None] + off
         kpos = torch.arange(k0, k1, device=q.device)[None, :]
         mask = ((kpos <= qpos) & (kpos > qpos - window))[None, None, None]
@@ -144,14 +152,15 @@ def _mix(num_w, den_w, num_l, den_l, gate: torch.Tensor, out_dtype, mix: str = "
 
 def lolcats_attention(
     q, k, v, fq, fk, gate, window: int, scale: float, key_valid=None, state=None,
-    block_size: int = 128, chunk_size: int = 64, mix: str = "published",
+    block_size: int = 128, chunk_size: int = 64, softcap: float | None = None, mix: str = "published",
 ) -> torch.Tensor:
     """LoLCATs attention for the last ``Lq`` queries over ``Lk`` keys (cached window keys first).
 
     ``q``/``k``: RoPE'd queries/keys (window part); ``fq``/``fk``: their features (linear part);
-    ``gate``: ``[Hq]`` logits; ``state``: linear state of keys older than ``k[0]``; ``mix``:
+    ``gate``: ``[Hq]`` logits; ``state``: linear state of keys older than ``k[0]``; ``softcap``: the
+    family's logit cap, applied to the window part (the linear part has no logits); ``mix``:
     ``published`` (linear term weighted 1) or ``affine`` (weighted 1 - g)."""
-    num_w, den_w = window_softmax_parts(q, k, v, window, scale, key_valid, block_size)
+    num_w, den_w = window_softmax_parts(q, k, v, window, scale, key_valid, block_size, softcap)
     num_l, den_l = lagged_linear_parts(fq, fk, v, window, state, key_valid, chunk_size)
     return _mix(num_w, den_w, num_l, den_l, gate, v.dtype, mix)
 
@@ -225,7 +234,9 @@ class LolcatsStateLayer(SlidingWindowStateLayer):
 class LolcatsAttention(FrontierAttention):
     """Sliding-window softmax + linear attention (feature map from ``cfg["feature_map"]``,
     Hedgehog by default) mixed by a learned per-head gate (``gate``: logits, ``gate_init`` at init;
-    ``mix``: the convention, see the module docstring)."""
+    ``mix``: the convention, see the module docstring). On a local layer the softmax window is
+    ``min(window, layer window)``; the linear part covers every older key. A soft-capped family's
+    cap applies to the window part."""
 
     kind = "lolcats"
 
@@ -234,24 +245,22 @@ class LolcatsAttention(FrontierAttention):
         self.window = int(cfg["window"])
         self.chunk_size = int(cfg.get("chunk_size", 64))
         self.block_size = int(cfg.get("block_size", 128))
-        w = orig.q_proj.weight
-        dtype = w.dtype if torch.is_floating_point(torch.empty((), dtype=w.dtype)) else torch.float32
-        self.feature_map = make_feature_map(
-            {**cfg, "feature_map": cfg.get("feature_map", "hedgehog")}, self.head_dim, self.num_heads,
-            self.num_key_value_heads, dtype=dtype, device=w.device,
-        )
+        self.feature_map = make_module_feature_map(self, cfg, "hedgehog")
         self.mix = cfg.get("mix", "published")
         if self.mix not in MIX:
             raise ValueError(f"attention cfg 'mix' must be one of {MIX}, got {self.mix!r}")
         init = cfg.get("gate_init")
         init = GATE_INIT[self.mix] if init is None else float(init)
-        self.gate = nn.Parameter(torch.full((self.num_heads,), init, dtype=dtype, device=w.device))
+        self.gate = nn.Parameter(torch.full((self.num_heads,), init, dtype=_float_dtype(self),
+                                            device=self.o_proj.weight.device))
 
-    def _attend(self, q, k, v, valid, cache):
+    def _attend(self, q, k, v, valid, cache, *, scale, softcap=None, layer_window=None):
+        check_softcap(self, softcap)
+        window = self.window if layer_window is None else min(self.window, layer_window)
         L = q.shape[2]
         layer, state, start = None, None, 0
         if cache is not None:
-            layer = _ensure_cache_layer(cache, self.layer_idx, LolcatsStateLayer, sliding_window=self.window)
+            layer = _ensure_cache_layer(cache, self.layer_idx, LolcatsStateLayer, sliding_window=window)
             cached = layer.keys.shape[-2] if layer.is_initialized else 0
             start = layer.cumulative_length - cached
             state = layer.get_state()
@@ -263,10 +272,10 @@ class LolcatsAttention(FrontierAttention):
         pos_k = torch.arange(start, start + N, device=q.device)
         fm = self.feature_map
         fq, fk = fm.forward_q(q, pos_k[N - L:]), fm.forward_k(full_k, pos_k)
-        out = lolcats_attention(q, full_k, full_v, fq, fk, self.gate, self.window, self.scaling, kv_valid, state,
-                                self.block_size, self.chunk_size, self.mix)
+        out = lolcats_attention(q, full_k, full_v, fq, fk, self.gate, window, scale, kv_valid, state,
+                                self.block_size, self.chunk_size, softcap, self.mix)
         if layer is not None:
-            E = N - (self.window - 1)  # keys that left the window: into the linear state
+            E = N - (window - 1)  # keys that left the window: into the linear state
             acc = K._acc_dtype(v.dtype)
             if state is None:
                 S = torch.zeros(q.shape[0], fk.shape[1], fk.shape[-1], v.shape[-1], dtype=acc, device=q.device)

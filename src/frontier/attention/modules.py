@@ -1,42 +1,43 @@
-"""Replacement attention modules for HF decoder layers, and the cache layers they keep state in.
+"""Replacement attention modules for HF decoder layers.
 
-Both modules keep the original ``q_proj/k_proj/v_proj/o_proj`` module objects under the same
-names (state dicts load strictly; quantized or LoRA-wrapped Linears are just called), apply the
-model's own RoPE to q/k, and follow transformers' attention-module call convention::
+A swapped module adopts the family's own attention module (its submodules, parameters and
+attributes, under the same names: state dicts load strictly; quantized or LoRA-wrapped Linears are
+just called) and runs the family's own ``forward``, which computes projections, q/k norms, RoPE and
+scaling and then calls frontier's attention function; see :mod:`frontier.attention.families` for
+the seam and for what each family brings (soft-caps, local windows). The call convention stays
+transformers'::
 
     forward(hidden_states, position_embeddings=(cos, sin), attention_mask=None, cache=None, **kw)
         -> (out, None)
 
-Caching: on first use with a transformers ``Cache`` a module replaces ``cache.layers[layer_idx]``
-by the layer class it needs (``SlidingWindowStateLayer`` -- a ``DynamicSlidingWindowLayer`` that
-also keeps key validity -- or ``LinearStateLayer``), unless it already is one. generate() with the
-default ``DynamicCache`` therefore works without touching ``model.config.layer_types``.
+Caching: :mod:`frontier.attention.caches` (a module claims ``cache.layers[layer_idx]`` on first use).
 
 Padding: the model's mask (None, 4-D bool with True = attend, or 4-D additive float with 0 =
 attend, or a 2-D padding mask) is only used to read which of the NEW keys are valid: the diagonal
 of its last ``q`` x ``q`` block (query ``i`` sees key ``i`` iff key ``i`` is not padding). The
 diagonal is used rather than the last query row because it stays right when the model builds a
-sliding-window mask (Mistral's ``config.sliding_window``) shorter than the prompt, and for right
-padding. Validity of cached keys is kept in the cache layer (window layer: a bool buffer beside
-the keys; linear layer: invalid keys never enter the state). Positions are key indices, so a
-left-padded row equals the same row run alone (with position ids from the padding mask, as
-generate() makes them).
+sliding-window mask (a local layer's, or Mistral's ``config.sliding_window``) shorter than the
+prompt, and for right padding. Validity of cached keys is kept in the cache layer (window layer: a
+bool buffer beside the keys; linear layer: invalid keys never enter the state). Positions are key
+indices, so a left-padded row equals the same row run alone (with position ids from the padding
+mask, as generate() makes them).
 """
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import nn
-from transformers.cache_utils import (
-    CacheLayerMixin,
-    DynamicLayer,
-    DynamicSlidingWindowLayer,
-    LinearAttentionCacheLayerMixin,
-)
+from transformers.cache_utils import CacheLayerMixin
 
 from . import kernels as K
+from .softmax import sliding_window_attention, softmax_attention
+from .caches import (  # noqa: F401  (re-exported: the variant modules and tests import them from here)
+    KeyValidityMixin,
+    LinearStateLayer,
+    SlidingWindowStateLayer,
+    _ensure_cache_layer,
+)
+from .families import FAMILIES, SOFTMAX_KERNEL_MAPS, FamilyConfigView, family_of, softcap_refusal
 
 __all__ = [
     "FrontierAttention",
@@ -47,222 +48,6 @@ __all__ = [
     "SlidingWindowStateLayer",
     "key_validity",
 ]
-
-
-# ----------------------------------------------------------------------------------------------
-# cache layers
-# ----------------------------------------------------------------------------------------------
-
-
-class LinearStateLayer(CacheLayerMixin):
-    """Fixed-size recurrent state of a causal linear-attention layer, as a transformers cache layer.
-
-    Holds ``S: [B, Hkv, F, Dv]`` and ``z: [B, Hkv, F]`` (float32, or float64 for float64 inputs) and
-    ``cumulative_length`` (tokens seen, padding included) so that ``Cache.get_seq_length()`` and
-    hence generate()'s position ids work. ``get_mask_sizes(q) == (q, cumulative_length)``: masks
-    built against this layer cover only the new tokens, which is all this layer reads from them
-    (``is_sliding = True`` keeps a hybrid's masks sized for its softmax layers).
-    """
-
-    _layer_type = "frontier_linear"
-    # "sliding" for transformers' mask creation: in a hybrid, the causal mask is then built against
-    # the first softmax (non-sliding) layer, whose keys it must cover; this layer only reads the
-    # validity of the new keys, which any mask that covers them provides.
-    is_sliding = True
-    is_compileable = False
-    is_croppable = False
-    supports_early_init = False
-
-    def __init__(self, **kwargs):
-        super().__init__()
-        self.S: torch.Tensor | None = None
-        self.z: torch.Tensor | None = None
-        self.cumulative_length = 0
-        self.device = None
-
-    def __repr__(self):
-        return f"{self.__class__.__name__}(tokens={self.cumulative_length})"
-
-    # --- abstract API of CacheLayerMixin -----------------------------------------------------
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device = key_states.device
-        self.is_initialized = True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        raise RuntimeError(
-            "LinearStateLayer holds a linear-attention state, not keys/values: a softmax attention "
-            "module wrote into a layer owned by a linear-attention module"
-        )
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return query_length, self.cumulative_length
-
-    def get_seq_length(self) -> int:
-        return self.cumulative_length
-
-    def get_max_length(self) -> int:
-        return -1
-
-    # --- state -------------------------------------------------------------------------------
-    def get_state(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self.S is None:
-            return None
-        return self.S, self.z
-
-    def update_state(self, state: tuple[torch.Tensor, torch.Tensor], num_new_tokens: int) -> None:
-        self.S, self.z = state
-        self.device = self.S.device
-        self.cumulative_length += int(num_new_tokens)
-        self.is_initialized = True
-
-    def state_bytes(self) -> int:
-        if self.S is None:
-            return 0
-        return self.S.numel() * self.S.element_size() + self.z.numel() * self.z.element_size()
-
-    # --- housekeeping ------------------------------------------------------------------------
-    def reset(self) -> None:
-        self.S = self.z = None
-        self.cumulative_length = 0
-        self.is_initialized = False
-
-    def offload(self):
-        if self.S is not None:
-            self.S = self.S.to("cpu", non_blocking=True)
-            self.z = self.z.to("cpu", non_blocking=True)
-
-    def prefetch(self):
-        if self.S is not None and self.S.device != self.device:
-            self.S = self.S.to(self.device, non_blocking=True)
-            self.z = self.z.to(self.device, non_blocking=True)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.S is not None:
-            self.S = self.S.index_select(0, beam_idx.to(self.S.device))
-            self.z = self.z.index_select(0, beam_idx.to(self.z.device))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.S is not None:
-            self.S = self.S.repeat_interleave(repeats, dim=0)
-            self.z = self.z.repeat_interleave(repeats, dim=0)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.S is not None:
-            self.S = self.S[indices, ...]
-            self.z = self.z[indices, ...]
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove == 0:
-            return
-        raise RuntimeError("a linear-attention state cannot be cropped (no per-token history is kept)")
-
-
-class KeyValidityMixin:
-    """Keeps a ``[B, n]`` bool ``key_valid`` buffer beside a transformers KV cache layer's keys:
-    ``update`` goes through the subclass's ``update_with_validity`` and the batch operations of
-    beam search / multiple sequences apply to the buffer too."""
-
-    key_valid: torch.Tensor | None
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        keys, values, _ = self.update_with_validity(key_states, value_states, kwargs.get("key_valid"))
-        return keys, values
-
-    def reset(self) -> None:
-        super().reset()
-        self.key_valid = None
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        if self.key_valid is not None and self.key_valid.numel() > 0:
-            self.key_valid = self.key_valid.index_select(0, beam_idx.to(self.key_valid.device))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        if self.key_valid is not None:
-            self.key_valid = self.key_valid.repeat_interleave(repeats, dim=0)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        if self.key_valid is not None:
-            self.key_valid = self.key_valid[indices, ...]
-
-
-class SlidingWindowStateLayer(KeyValidityMixin, DynamicSlidingWindowLayer):
-    """``DynamicSlidingWindowLayer`` that also keeps a ``[B, n]`` bool validity buffer for its keys.
-
-    Stores the last ``window - 1`` keys/values (bounded); ``update_with_validity`` returns the cached
-    keys followed by the new ones, with their validity.
-    """
-
-    def __init__(self, sliding_window: int, **kwargs):
-        super().__init__(sliding_window=sliding_window)
-        self.key_valid: torch.Tensor | None = None
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
-        self.keys = key_states[:, :, :0]
-        self.values = value_states[:, :, :0]
-        self.key_valid = torch.ones(key_states.shape[0], 0, dtype=torch.bool, device=key_states.device)
-
-    def update_with_validity(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, key_valid: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        B, _, q, _ = key_states.shape
-        if key_valid is None:
-            key_valid = torch.ones(B, q, dtype=torch.bool, device=key_states.device)
-        self.cumulative_length += q
-        full_k = torch.cat([self.keys, key_states], dim=-2)
-        full_v = torch.cat([self.values, value_states], dim=-2)
-        full_valid = torch.cat([self.key_valid, key_valid.to(torch.bool)], dim=-1)
-        keep = self.sliding_window - 1
-        start = max(full_k.shape[-2] - keep, 0)
-        self.keys = full_k[:, :, start:]
-        self.values = full_v[:, :, start:]
-        self.key_valid = full_valid[:, start:]
-        return full_k, full_v, full_valid
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove == 0:
-            return
-        raise RuntimeError("SlidingWindowStateLayer does not support crop (assisted decoding)")
-
-    @property
-    def is_croppable(self) -> bool:  # type: ignore[override]
-        return False
-
-
-def _ensure_cache_layer(cache, layer_idx: int, cls, **kwargs):
-    """Return ``cache.layers[layer_idx]`` as an instance of ``cls``, replacing an empty layer if needed."""
-    if not hasattr(cache, "layers"):
-        raise TypeError(f"unsupported cache type {type(cache).__name__}: expected a transformers Cache with .layers")
-    layers = cache.layers
-    while len(layers) <= layer_idx:
-        rep = getattr(cache, "layer_class_to_replicate", None)
-        layers.append(rep() if rep is not None else DynamicLayer())
-    layer = layers[layer_idx]
-    window = kwargs.get("sliding_window")
-    if isinstance(layer, cls) and (window is None or getattr(layer, "sliding_window", None) == window):
-        return layer
-    seen = 0
-    if isinstance(layer, CacheLayerMixin):
-        try:
-            seen = layer.get_seq_length()
-        except Exception:
-            seen = 0
-    elif isinstance(layer, LinearAttentionCacheLayerMixin):
-        seen = int(any(layer.has_previous_state.values()))
-    if seen:
-        raise RuntimeError(
-            f"cache layer {layer_idx} is a {type(layer).__name__} that already holds tokens; a "
-            f"{cls.__name__} is needed for this attention module (was the cache filled by another model?)"
-        )
-    new = cls(**kwargs)
-    layers[layer_idx] = new
-    return new
-
 
 # ----------------------------------------------------------------------------------------------
 # masks
@@ -313,58 +98,83 @@ def _masked_mse(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tenso
     return torch.where(m, d, torch.zeros((), dtype=d.dtype, device=d.device)).sum() / n.clamp(min=1)
 
 
-def _rope_function(orig: nn.Module):
-    mod = sys.modules.get(type(orig).__module__)
-    fn = getattr(mod, "apply_rotary_pos_emb", None)
-    if fn is None:
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as fn
-    return fn
-
-
 # ----------------------------------------------------------------------------------------------
 # modules
 # ----------------------------------------------------------------------------------------------
 
+# nn.Module bookkeeping that the adopted module keeps for itself
+_MODULE_STATE = {"training", "config"}
+
+
+def _float_dtype(module: nn.Module) -> torch.dtype:
+    """dtype for new parameters: the layer's output projection's, or float32 if it is quantized."""
+    w = module.o_proj.weight
+    return w.dtype if torch.is_floating_point(torch.empty((), dtype=w.dtype)) else torch.float32
+
 
 class FrontierAttention(nn.Module):
-    """Common part of the swapped attention modules (projections, RoPE, masks, attention transfer).
+    """Common part of the swapped attention modules: adoption of the family's module, masks,
+    softcap/window hand-over, attention transfer.
 
-    ``transfer_mode = True``: forward computes both the variant (student) and standard causal
-    softmax attention with the same projections (teacher, SDPA, padding respected), sets
-    ``self.transfer_loss = MSE(student_out, teacher_out.detach())`` over non-padding positions of
-    the module outputs (after ``o_proj``; fp32 scalar) and returns the teacher's output. The
-    teacher only sees the tokens of the current call, so transfer mode requires an empty cache
-    (or none); the student still updates its cache.
+    ``self.adopted``: names of the family's submodules/parameters/buffers taken over (everything
+    else with parameters -- feature maps, gates -- is frontier's own, see
+    :func:`frontier.attention.attention_parameters`).
+
+    ``transfer_mode = True``: the attention function computes both the variant (student) and the
+    family's own softmax attention with the same q/k/v (teacher: causal, the layer's window and
+    soft-cap, padding respected); the family's code turns the teacher into the module output, which
+    is returned, and ``self.transfer_loss = MSE(student_out, teacher_out.detach())`` over
+    non-padding positions of the module outputs (after ``o_proj``; fp32 scalar). The teacher only
+    sees the tokens of the current call, so transfer mode requires an empty cache (or none); the
+    student still updates its cache.
     """
 
     kind = "base"
 
     def __init__(self, orig: nn.Module, cfg: dict):
         super().__init__()
-        config = orig.config
-        self.config = config
-        self.layer_idx = orig.layer_idx
+        family = family_of(orig)
+        if family is None:
+            raise ValueError(
+                f"attention surgery does not support {type(orig).__name__}: supported attention classes are "
+                + ", ".join(f"{f.attention} ({name})" for name, f in FAMILIES.items())
+            )
+        if not getattr(orig, "is_causal", True):
+            raise ValueError(f"attention surgery needs causal attention; this {type(orig).__name__} is bidirectional")
+        adopted = []
+        for name, child in orig._modules.items():
+            self.add_module(name, child)
+            adopted.append(name)
+        for name, p in orig._parameters.items():
+            self.register_parameter(name, p)
+            adopted.append(name)
+        for name, b in orig._buffers.items():
+            self.register_buffer(name, b, persistent=name not in orig._non_persistent_buffers_set)
+            adopted.append(name)
+        for name, value in vars(orig).items():
+            if not name.startswith("_") and name not in _MODULE_STATE:
+                setattr(self, name, value)
+        self.adopted = tuple(adopted)
+        self.family = family
+        self._family_forward = type(orig).forward
+        self.model_config = orig.config
+        self.config = FamilyConfigView(orig.config)
         self.head_dim = int(orig.head_dim)
+        self.num_heads = int(orig.config.num_attention_heads)
         self.num_key_value_groups = int(orig.num_key_value_groups)
-        self.num_heads = int(getattr(config, "num_attention_heads"))
         self.num_key_value_heads = self.num_heads // self.num_key_value_groups
         self.scaling = float(orig.scaling)
-        self.attention_dropout = float(getattr(orig, "attention_dropout", 0.0) or 0.0)
-        self.is_causal = True
-        self.q_proj = orig.q_proj
-        self.k_proj = orig.k_proj
-        self.v_proj = orig.v_proj
-        self.o_proj = orig.o_proj
         self.cfg = dict(cfg)
         self.transfer_mode = False
         self.transfer_loss: torch.Tensor | None = None
-        self._rope = _rope_function(orig)
+        self._student = None
+        self._calls = 0
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, layer_idx={self.layer_idx}, cfg={self.cfg}"
+        return f"kind={self.kind}, family={self.family}, layer_idx={self.layer_idx}, cfg={self.cfg}"
 
     # subclasses: attention over heads -> [B, Hq, L, Dv]
-    def _attend(self, q, k, v, valid, cache):  # pragma: no cover - abstract
+    def _attend(self, q, k, v, valid, cache, *, scale, softcap=None, layer_window=None):  # pragma: no cover
         raise NotImplementedError
 
     def _cache_layer_length(self, cache) -> int:
@@ -381,37 +191,52 @@ class FrontierAttention(nn.Module):
         cache=None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
-        if cache is None:
-            cache = kwargs.get("past_key_values")
+        legacy = kwargs.pop("past_key_values", None)
+        cache = legacy if cache is None else cache
+        calls = self._calls
+        out, _ = self._family_forward(
+            self, hidden_states, position_embeddings, attention_mask, cache=None, frontier_cache=cache, **kwargs
+        )
+        if self._calls != calls + 1:
+            raise RuntimeError(
+                f"{type(self).__name__}: the {self.family} attention code did not call its attention function "
+                "exactly once; frontier cannot replace its attention"
+            )
+        if not self.transfer_mode:
+            self.transfer_loss = None
+            return out, None
+        student, valid = self._student
+        self._student = None
         B, L, _ = hidden_states.shape
-        hidden_shape = (B, L, -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        if position_embeddings is not None:
-            cos, sin = position_embeddings
-            q, k = self._rope(q, k, cos, sin)
-        valid = key_validity(attention_mask, L)
+        student = self.o_proj(student.transpose(1, 2).reshape(B, L, -1))
+        self.transfer_loss = _masked_mse(student, out.detach(), valid)
+        return out, None
 
+    def frontier_attend(self, q, k, v, attention_mask, *, scaling=None, sliding_window=None, softcap=None,
+                        cache=None):
+        """Called back by the family's code through :func:`frontier.attention.families.frontier_attention`."""
+        self._calls += 1
+        L = q.shape[2]
+        valid = key_validity(attention_mask, L)
+        scale = self.scaling if scaling is None else float(scaling)
+        window = None if sliding_window is None else int(sliding_window)
+        cap = None if softcap is None else float(softcap)
         if self.transfer_mode and self._cache_layer_length(cache) > 0:
             raise RuntimeError(
                 "transfer_mode needs an empty cache: the softmax teacher only sees the current call's tokens"
             )
-        out = self._attend(q, k, v, valid, cache)
-        student = self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
-        if not self.transfer_mode:
-            self.transfer_loss = None
-            return student, None
-        t = K.softmax_attention(q, k, v, scale=self.scaling, key_valid=valid)
-        teacher = self.o_proj(t.transpose(1, 2).reshape(B, L, -1))
-        self.transfer_loss = _masked_mse(student, teacher.detach(), valid)
-        return teacher, None
+        out = self._attend(q, k, v, valid, cache, scale=scale, softcap=cap, layer_window=window)
+        if self.transfer_mode:
+            self._student = (out, valid)
+            out = softmax_attention(q, k, v, scale=scale, key_valid=valid, softcap=cap, window=window)
+        return out.transpose(1, 2).contiguous(), None
 
 
 class SlidingWindowAttention(FrontierAttention):
     """Softmax over the last ``window`` keys (query included): key j visible to query i iff
-    ``i - window < j <= i``. Prefill: SDPA blockwise over query blocks (banded masks, never an
-    ``L x L`` mask). Decode: ``SlidingWindowStateLayer`` keeps the last ``window - 1`` keys."""
+    ``i - window < j <= i`` (on a local layer: ``min(window, layer window)``). Prefill: SDPA
+    blockwise over query blocks (banded masks, never an ``L x L`` mask; explicit logits when the
+    family soft-caps them). Decode: ``SlidingWindowStateLayer`` keeps the last ``window - 1`` keys."""
 
     kind = "sliding_window"
 
@@ -420,21 +245,42 @@ class SlidingWindowAttention(FrontierAttention):
         self.window = int(cfg["window"])
         self.block_size = int(cfg.get("block_size", 128))
 
-    def _attend(self, q, k, v, valid, cache):
+    def _attend(self, q, k, v, valid, cache, *, scale, softcap=None, layer_window=None):
+        w = self.window if layer_window is None else min(self.window, layer_window)
+        kw = dict(scale=scale, block_size=self.block_size, softcap=softcap)
         if cache is None:
-            return K.sliding_window_attention(
-                q, k, v, self.window, scale=self.scaling, key_valid=valid, block_size=self.block_size
-            )
-        layer = _ensure_cache_layer(cache, self.layer_idx, SlidingWindowStateLayer, sliding_window=self.window)
+            return sliding_window_attention(q, k, v, w, key_valid=valid, **kw)
+        layer = _ensure_cache_layer(cache, self.layer_idx, SlidingWindowStateLayer, sliding_window=w)
         full_k, full_v, full_valid = layer.update_with_validity(k, v, valid)
         kv_valid = None if bool(full_valid.all()) else full_valid
-        return K.sliding_window_attention(
-            q, full_k, full_v, self.window, scale=self.scaling, key_valid=kv_valid, block_size=self.block_size
-        )
+        return sliding_window_attention(q, full_k, full_v, w, key_valid=kv_valid, **kw)
+
+
+def make_module_feature_map(module: FrontierAttention, cfg: dict, default: str):
+    """The feature map of a linear-kind module (``cfg["feature_map"]``, else ``default``), built for
+    the module's heads and scaling; refuses a softmax-kernel map on a soft-capped family."""
+    from .featuremaps import make_feature_map
+
+    name = cfg.get("feature_map") or default
+    if getattr(module, "attn_logit_softcapping", None) is not None and FAMILIES[module.family].softcap:
+        why = softcap_refusal(module.family, name)
+        if why:
+            raise ValueError(why)
+    return make_feature_map(
+        {**cfg, "feature_map": name}, module.head_dim, module.num_heads, module.num_key_value_heads,
+        dtype=_float_dtype(module), device=module.o_proj.weight.device, scale=module.scaling,
+    )
+
+
+def check_softcap(module: FrontierAttention, softcap) -> None:
+    """Run-time twin of the plan-time refusal: the family passed a soft-cap to a softmax-kernel map."""
+    if softcap is not None and module.feature_map.kind in SOFTMAX_KERNEL_MAPS:
+        raise ValueError(softcap_refusal(module.family, module.feature_map.kind))
 
 
 class LinearAttention(FrontierAttention):
-    """Normalised causal linear attention ``phi(q_i) S_i / (phi(q_i) z_i + eps)`` on RoPE'd q/k.
+    """Normalised causal linear attention ``phi(q_i) S_i / (phi(q_i) z_i + eps)`` on the family's
+    q/k (after its norms and RoPE); over every earlier key, a local layer's window included.
 
     Prefill: chunked form (fla's kernel on CUDA when importable); decode (one new token with a
     state): recurrent step. The state lives in a ``LinearStateLayer`` per kv head (GQA groups
@@ -448,15 +294,10 @@ class LinearAttention(FrontierAttention):
         self.chunk_size = int(cfg.get("chunk_size", 64))
         self.eps = float(cfg.get("eps", 1e-6))
         self.segment_size = int(cfg.get("segment_size", 512))
-        w = orig.q_proj.weight
-        dtype = w.dtype if torch.is_floating_point(torch.empty((), dtype=w.dtype)) else torch.float32
-        from .featuremaps import make_feature_map
+        self.feature_map = make_module_feature_map(self, cfg, "elu")
 
-        self.feature_map = make_feature_map(
-            cfg, self.head_dim, self.num_heads, self.num_key_value_heads, dtype=dtype, device=w.device
-        )
-
-    def _attend(self, q, k, v, valid, cache):
+    def _attend(self, q, k, v, valid, cache, *, scale, softcap=None, layer_window=None):
+        check_softcap(self, softcap)
         fm = self.feature_map
         state = None
         layer = None

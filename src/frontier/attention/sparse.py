@@ -47,11 +47,12 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
 from .kernels import _acc_dtype, _check_gqa, _expand_kv
+from .softmax import cap_logits, masked_attention
+from .caches import FamilyMaskSizes
 from .modules import FrontierAttention, KeyValidityMixin, _ensure_cache_layer
 
 __all__ = [
@@ -197,6 +198,8 @@ def _global_local_attention(
     k_start: int = 0,
     offsets: torch.Tensor | None = None,
     prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    softcap: float | None = None,
+    layer_window: int | None = None,
 ) -> torch.Tensor:
     """Blockwise attention for a "global prefix + local band" pattern (sink_window, block_sparse).
 
@@ -206,6 +209,8 @@ def _global_local_attention(
     (a cache's global keys, ``p_index: [B, P]`` absolute indices); entries with ``p_index >=
     k_start`` are ignored (they are in ``k``). Each query block attends, in one SDPA call, to the
     prefix, the global keys of ``k`` before its band and the band ``[band_start, block end)``.
+    ``softcap``: logits soft-capped; ``layer_window``: a local layer's own window, intersected with
+    the pattern (key visible only if ``i - layer_window < j``).
     """
     groups = _check_gqa(q, k, v)
     B, _, Lq, _ = q.shape
@@ -266,14 +271,9 @@ def _global_local_attention(
         qp = torch.arange(qa0, qa1, device=dev)[None, :] - offsets[:, None]  # [B, C]
         qp3, kp3 = qp[:, :, None], kp[:, None, :]
         vis = kval[:, None, :] & (kp3 >= 0) & (kp3 <= qp3) & ((kp3 < n_glob) | pattern.local(qp3, kp3))
-        o = F.scaled_dot_product_attention(
-            q[:, :, s:e].to(acc),
-            kk.to(acc),
-            vv.to(acc),
-            attn_mask=vis[:, None],
-            scale=scale,
-            enable_gqa=groups > 1,
-        )
+        if layer_window is not None:
+            vis = vis & (kp3 > qp3 - layer_window)
+        o = masked_attention(q[:, :, s:e].to(acc), kk.to(acc), vv.to(acc), vis[:, None], scale, softcap)
         o = torch.where(vis.any(-1)[:, None, :, None], o, torch.zeros((), dtype=o.dtype, device=dev))
         outs.append(o.to(out_dtype))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
@@ -332,20 +332,24 @@ def sink_window_attention(
     k_start: int = 0,
     offsets: torch.Tensor | None = None,
     prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    softcap: float | None = None,
+    layer_window: int | None = None,
 ) -> torch.Tensor:
     """StreamingLLM attention, blockwise over query blocks of ``block_size``.
 
     Each query block runs one SDPA over the row's ``sinks`` first keys (gathered per row) and the
     band of at most ``block + window - 1`` recent keys: O(L * (sinks + window + block)) time.
     ``k_start``/``offsets``/``prefix`` describe a cache view (see :class:`SinkWindowStateLayer`);
-    without them ``k`` is the whole sequence and offsets come from ``key_valid``.
+    without them ``k`` is the whole sequence and offsets come from ``key_valid``. ``softcap`` /
+    ``layer_window``: see :func:`_global_local_attention`.
     """
     if window < 1:
         raise ValueError("window must be >= 1")
     if sinks < 0:
         raise ValueError("sinks must be >= 0")
     return _global_local_attention(
-        q, k, v, _SinkWindowPattern(int(window), int(sinks)), scale, key_valid, block_size, k_start, offsets, prefix
+        q, k, v, _SinkWindowPattern(int(window), int(sinks)), scale, key_valid, block_size, k_start, offsets, prefix,
+        softcap, layer_window,
     )
 
 
@@ -390,6 +394,8 @@ def block_sparse_attention(
     k_start: int = 0,
     offsets: torch.Tensor | None = None,
     prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    softcap: float | None = None,
+    layer_window: int | None = None,
 ) -> torch.Tensor:
     """Fixed block-sparse attention, per query block (``query_block``, default ``block_size``).
 
@@ -403,7 +409,8 @@ def block_sparse_attention(
         raise ValueError("block_size and local_blocks must be >= 1, global_blocks >= 0")
     pattern = _BlockPattern(int(block_size), int(local_blocks), int(global_blocks))
     qb = block_size if query_block is None else query_block
-    return _global_local_attention(q, k, v, pattern, scale, key_valid, qb, k_start, offsets, prefix)
+    return _global_local_attention(q, k, v, pattern, scale, key_valid, qb, k_start, offsets, prefix, softcap,
+                                   layer_window)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -448,6 +455,8 @@ def topk_attention(
     scale: float | None = None,
     key_valid: torch.Tensor | None = None,
     block_size: int = 256,
+    softcap: float | None = None,
+    layer_window: int | None = None,
 ) -> torch.Tensor:
     """Exact top-k softmax attention, blockwise over query blocks (never an ``Lq x Lk`` matrix).
 
@@ -455,6 +464,7 @@ def topk_attention(
     keys above the ``k_top``-th score are kept plus, among those equal to it, the earliest ones
     up to ``k_top`` in all (deterministic ties); softmax over the kept keys. GQA: scores per kv
     head for all its query heads in one matmul. O(block x Lk) memory, O(Lq x Lk) compute.
+    ``softcap``: scores soft-capped; ``layer_window``: only keys with ``i - layer_window < j``.
     """
     if k_top < 1:
         raise ValueError("k must be >= 1")
@@ -475,8 +485,11 @@ def topk_attention(
         C, n = e - s, off + e  # queries, keys reachable (causal)
         qc = q[:, :, s:e].to(acc).reshape(B, Hkv, groups * C, D)
         kc, vc = k[:, :, :n].to(acc), v[:, :, :n].to(acc)
-        sc = (qc @ kc.transpose(-1, -2)).mul_(scale).view(B, Hkv, groups, C, n)
-        vis = torch.arange(n, device=dev)[None, :] <= torch.arange(off + s, off + e, device=dev)[:, None]  # [C, n]
+        sc = cap_logits((qc @ kc.transpose(-1, -2)).mul_(scale), softcap).view(B, Hkv, groups, C, n)
+        kpos, qpos = torch.arange(n, device=dev)[None, :], torch.arange(off + s, off + e, device=dev)[:, None]
+        vis = kpos <= qpos  # [C, n]
+        if layer_window is not None:
+            vis = vis & (kpos > qpos - layer_window)
         vis = vis[None, None, None]
         if kv_valid is not None:
             vis = vis & kv_valid[:, None, None, None, :n]
@@ -514,7 +527,7 @@ class SparseKV(NamedTuple):
     prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
 
 
-class GlobalLocalStateLayer(CacheLayerMixin):
+class GlobalLocalStateLayer(FamilyMaskSizes, CacheLayerMixin):
     """Bounded cache of a "global prefix + local band" pattern, as a transformers cache layer.
 
     Keeps (all per row, ``B`` rows):
@@ -530,15 +543,10 @@ class GlobalLocalStateLayer(CacheLayerMixin):
       generate()'s positions work.
 
     Size is bounded: ``n_global + lookback`` keys per row whatever the context length.
-    ``get_mask_sizes(q) == (q, cumulative_length)``: masks built against this layer cover only the
-    new tokens, which is all the module reads from them (their validity).
-
-    ``is_sliding = True`` (as ``LinearStateLayer``): transformers builds the causal mask against the
-    first non-sliding layer, so in a hybrid the mask is sized for the kept softmax layers' keys;
-    this layer reads only the new keys' validity, which any mask covering them provides.
+    Mask sizes: those of the layer it replaced (:class:`~frontier.attention.caches.FamilyMaskSizes`);
+    the module reads only the new keys' validity from its mask.
     """
 
-    is_sliding = True
     is_compileable = False
     is_croppable = False
     supports_early_init = False
@@ -626,9 +634,6 @@ class GlobalLocalStateLayer(CacheLayerMixin):
         view = self.update_with_validity(key_states, value_states, kwargs.get("key_valid"))
         return view.keys, view.values
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return query_length, self.cumulative_length
-
     def get_seq_length(self) -> int:
         return self.cumulative_length
 
@@ -703,13 +708,17 @@ class BlockSparseStateLayer(GlobalLocalStateLayer):
         self.global_blocks = int(global_blocks)
 
 
-class TopKStateLayer(KeyValidityMixin, DynamicLayer):
+class TopKStateLayer(FamilyMaskSizes, KeyValidityMixin, DynamicLayer):
     """Full KV cache (``DynamicLayer``) plus a ``[B, n]`` bool validity buffer: exact top-k needs
     every past key, so its decode memory grows linearly with the context."""
 
     def __init__(self, **kwargs):
         super().__init__()
         self.key_valid: torch.Tensor | None = None
+
+    @property
+    def cumulative_length(self) -> int:  # tokens seen (every key is kept), for FamilyMaskSizes
+        return self.get_seq_length()
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -764,16 +773,16 @@ class SinkWindowAttention(FrontierAttention):
 
     def _kernel(self, q, k, v, valid, **view):
         return sink_window_attention(
-            q, k, v, self.window, self.sinks, scale=self.scaling, key_valid=valid, block_size=self.block_size, **view
+            q, k, v, self.window, self.sinks, key_valid=valid, block_size=self.block_size, **view
         )
 
-    def _attend(self, q, k, v, valid, cache):
+    def _attend(self, q, k, v, valid, cache, **call):
         if cache is None:
-            return self._kernel(q, k, v, valid)
+            return self._kernel(q, k, v, valid, **call)
         layer = _ensure_cache_layer(cache, self.layer_idx, SinkWindowStateLayer, sinks=self.sinks, window=self.window)
         kv = layer.update_with_validity(k, v, valid)
         return self._kernel(
-            q, kv.keys, kv.values, kv.key_valid, k_start=kv.k_start, offsets=kv.offsets, prefix=kv.prefix
+            q, kv.keys, kv.values, kv.key_valid, k_start=kv.k_start, offsets=kv.offsets, prefix=kv.prefix, **call
         )
 
 
@@ -802,15 +811,14 @@ class BlockSparseAttention(FrontierAttention):
             self.block_size,
             self.local_blocks,
             self.global_blocks,
-            scale=self.scaling,
             key_valid=valid,
             query_block=self.query_block,
             **view,
         )
 
-    def _attend(self, q, k, v, valid, cache):
+    def _attend(self, q, k, v, valid, cache, **call):
         if cache is None:
-            return self._kernel(q, k, v, valid)
+            return self._kernel(q, k, v, valid, **call)
         layer = _ensure_cache_layer(
             cache,
             self.layer_idx,
@@ -821,7 +829,7 @@ class BlockSparseAttention(FrontierAttention):
         )
         kv = layer.update_with_validity(k, v, valid)
         return self._kernel(
-            q, kv.keys, kv.values, kv.key_valid, k_start=kv.k_start, offsets=kv.offsets, prefix=kv.prefix
+            q, kv.keys, kv.values, kv.key_valid, k_start=kv.k_start, offsets=kv.offsets, prefix=kv.prefix, **call
         )
 
 
@@ -840,12 +848,12 @@ class TopKAttention(FrontierAttention):
         self.k_top = int(cfg["k"])
         self.block_size = int(cfg["block_size"])
 
-    def _attend(self, q, k, v, valid, cache):
+    def _attend(self, q, k, v, valid, cache, **call):
         if cache is not None:
             layer = _ensure_cache_layer(cache, self.layer_idx, TopKStateLayer)
             k, v, full_valid = layer.update_with_validity(k, v, valid)
             valid = None if bool(full_valid.all()) else full_valid
-        return topk_attention(q, k, v, self.k_top, scale=self.scaling, key_valid=valid, block_size=self.block_size)
+        return topk_attention(q, k, v, self.k_top, key_valid=valid, block_size=self.block_size, **call)
 
 
 SPARSE_MODULES: dict[str, type[FrontierAttention]] = {

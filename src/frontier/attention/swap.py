@@ -9,6 +9,7 @@ from transformers.cache_utils import LinearAttentionCacheLayerMixin
 from collections.abc import Mapping
 
 from ..config import option_config, option_names
+from .families import FAMILIES, family_of
 from .modules import FrontierAttention, LinearAttention, LinearStateLayer, SlidingWindowAttention
 
 __all__ = [
@@ -50,7 +51,6 @@ class _OptionDefaults(Mapping):
 
 
 OPTION_DEFAULTS: Mapping[str, dict] = _OptionDefaults()
-_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 class AlreadySwappedError(ValueError):
@@ -124,7 +124,7 @@ def _module_class(kind: str):
     return SPARSE_MODULES[kind]
 
 
-def _decoder_layers(model: nn.Module):
+def _decoder_layers(model: nn.Module, check_family: bool = True):
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if not isinstance(layers, (nn.ModuleList, list, tuple)) or len(layers) == 0:
@@ -134,11 +134,13 @@ def _decoder_layers(model: nn.Module):
         )
     for i, layer in enumerate(layers):
         attn = getattr(layer, "self_attn", None)
-        missing = [p for p in _PROJ if not hasattr(attn, p)] if attn is not None else list(_PROJ)
-        if attn is None or missing or not hasattr(attn, "layer_idx") or not hasattr(attn, "head_dim"):
+        if attn is None:
+            raise ValueError(f"swap_attention does not support {type(model).__name__}: layer {i} has no self_attn")
+        if check_family and not isinstance(attn, FrontierAttention) and family_of(attn) is None:
             raise ValueError(
-                f"swap_attention does not support {type(model).__name__}: layer {i} self_attn "
-                f"({type(attn).__name__}) lacks {missing or 'layer_idx/head_dim'}"
+                f"swap_attention does not support {type(model).__name__}: layer {i} self_attn is a "
+                f"{type(attn).__name__}; supported attention classes (family): "
+                + ", ".join(f"{f.attention} ({name})" for name, f in FAMILIES.items())
             )
     return layers
 
@@ -152,7 +154,7 @@ def swap_attention(model: nn.Module, cfg: dict) -> nn.Module:
     attention modules were already swapped; ValueError for an unsupported model or a bad cfg.
     """
     cfg = normalize_config(cfg)
-    layers = _decoder_layers(model)
+    layers = _decoder_layers(model, check_family=cfg["kind"] != "softmax")
     if any(isinstance(layer.self_attn, FrontierAttention) for layer in layers):
         raise AlreadySwappedError(
             f"{type(model).__name__} already has swapped attention "
@@ -183,14 +185,14 @@ def swapped_modules(model: nn.Module) -> list[FrontierAttention]:
 
 
 def attention_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The swapped modules' own parameters (feature maps, ...; not q/k/v/o), keyed like
-    ``model.named_parameters()``."""
+    """The swapped modules' own parameters (feature maps, gates; not what they adopted from the
+    family's module: projections, q/k norms), keyed like ``model.named_parameters()``."""
     out: dict[str, torch.Tensor] = {}
     for name, mod in model.named_modules():
         if not isinstance(mod, FrontierAttention):
             continue
         for pname, p in mod.named_parameters():
-            if pname.split(".", 1)[0] in _PROJ:
+            if pname.split(".", 1)[0] in mod.adopted:
                 continue
             out[f"{name}.{pname}" if name else pname] = p
     return out
