@@ -118,11 +118,38 @@ def test_plots_render(out, rendered):
     for p in pngs:
         data = p.read_bytes()
         assert len(data) > 5000 and data[:8] == b"\x89PNG\r\n\x1a\n", p.name
-    html = html_path.read_text()
-    for n in names:
-        assert f"src='{n}'" in html
-    assert "cost_vs_L_modelled.png" in html and "answer: attention" in html and BASE["point_id"] in html
+    page = html_path.read_text()
+    for n in names:  # report.html links the static PNGs (its own plots are interactive)
+        assert f"href='{n}'" in page
+    assert "Attention vs quantization" in page and BASE["point_id"] in page
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def _answer_text(out) -> str:
+    """The answer block of report.html as plain text (tags dropped, entities decoded)."""
+    import html as _html
+
+    page = (out / "report.html").read_text() if (out / "report.html").exists() else html.write_html(out).read_text()
+    block = page.split("<section id='answer'", 1)[1].split("</section>", 1)[0]
+    return _html.unescape(re.sub(r"<[^>]+>", "", block.replace("</span><span class='src'>", " ")))
+
+
+def test_report_html_opens_with_the_answer(out, rendered):
+    page = rendered[1].read_text()
+    body = page.split("<main>", 1)[1]
+    assert body.startswith("<section id='answer'")  # the first section is the answer
+    text = _answer_text(out)
+    # hand-made fixture: linear attention (ppl 10.5) vs int8 (10.2), matched within 10 %; prefill
+    # 5 + 0.02 L vs 1 + 1e-4 L^2 ms crosses at L* = 323.6; state 4352 B vs 256 L B: cheaper at every L
+    att = text.split("Attention vs quantization", 1)[1].split("Combined vs quantization", 1)[0]
+    assert "perplexity 2.9% higher: matched quality" in att
+    assert "Measured on cpu (L 128–512), where attention is cheaper: prefill latency from L ≈ 324" in att
+    assert "state memory at every L" in att and "Modelled on cpu (L 128–131,072)" in att
+    # combined (sliding window, ppl 12.0) vs int8 (10.2) is beyond the 10 % tolerance: said so
+    assert "NOT matched quality" in text.split("Combined vs quantization", 1)[1]
+    # one file: plotly.js inline (the browser test checks that nothing is fetched)
+    assert not re.search(r"<script[^>]+src=", page) and not re.search(r"<link[^>]+href=", page)
+    assert re.search(r"plotly\.js v\d", page[:5_000_000])
 
 
 def test_short_labels():
@@ -180,6 +207,15 @@ def test_wandb_report_spec_offline(out, monkeypatch, capsys):
     for p in panels:
         assert all("Metric(\"Group\") == 'demo'" in f for f in p["runset"])
     assert any("'collect'" in f for p in panels for f in p["runset"])
+    # it opens with the answer, the same text as report.html's answer block
+    blocks = spec["report"]["blocks"]
+    assert [b["_type"] for b in blocks[:4]] == ["H1", "P", "H2", "P"] and blocks[0]["text"] == "Answer"
+    assert blocks[2]["text"] == "Attention vs quantization"
+    assert "from L ≈ 324" in blocks[3]["text"] and blocks[3]["text"] in _answer_text(out)
+    assert [b["text"] for b in blocks if b["_type"] == "H1"][:5] == [
+        "Answer", "Pareto frontiers", "Cost against context length", "Long-context recall", "Tables"]
+    assert {p["title"] for p in panels if p["type"] == "ScatterPlot"} >= {
+        "weight bytes (stored)", "KV cache / state at L = 512", "prefill latency (ms) at L = 512"}
     # the spec re-creates the Report object (to save later, online)
     rep = wandb_report.load_wandb_report(out / "wandb_report.json", entity="someone")
     assert type(rep).__name__ == "Report" and rep.entity == "someone" and rep.title == "frontier: demo"

@@ -13,9 +13,12 @@ Store (the collect stage):
 
 Presentation (reads the Parquet files only):
 
-* :mod:`~frontier.results.labels` — short labels, units, words.
+* :mod:`~frontier.results.labels` — short labels, units, words, panel and section titles.
+* :mod:`~frontier.results.answer` — the answer per family pair (L* per cost metric, quality gap),
+  shared by ``frontier show``, report.html and the W&B report.
 * :mod:`~frontier.results.terminal` — ``frontier show``.
 * :mod:`~frontier.results.plots` — static PNGs (Snakemake report, docs).
-* :mod:`~frontier.results.html` — ``report.html``.
+* :mod:`~frontier.results.html` — ``report.html`` (:mod:`~frontier.results.figures`: its Plotly
+  figures; :mod:`~frontier.results.tables`: its tables; ``assets/``: its CSS and JS).
 * :mod:`~frontier.results.wandb_report` — ``frontier report --wandb``.
 """

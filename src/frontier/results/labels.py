@@ -17,6 +17,21 @@ METRIC_WORDS = {"prefill_ms": "prefill latency", "prefill_s": "prefill latency",
 XO_METRICS = {"measured": ("prefill_ms", "decode_s", "state_bytes", "peak_mem_bytes"),
               "modelled": ("prefill_s", "decode_s", "state_bytes", "peak_mem_bytes")}
 LATENCY = {"prefill_ms", "prefill_s", "decode_s"}
+# the frontier panels after weight bytes, per source: (costs metric, axis words); report.html and
+# the W&B report title them "<axis> at L = <L>"
+FRONT_AXES = {
+    "measured": [("state_bytes", "KV cache / state"), ("prefill_ms", "prefill latency (ms)"),
+                 ("decode_tok_s", "decode tokens/s (higher is better)"), ("peak_mem_bytes", "peak memory")],
+    "modelled": [("state_bytes", "KV cache / state"), ("prefill_s", "prefill latency (s)"),
+                 ("decode_tok_s", "decode tokens/s (higher is better)"), ("peak_mem_bytes", "weights + state")],
+}
+WEIGHT_PANEL_TITLE = "weight bytes (stored)"
+SECTIONS = {"answer": "Answer", "frontiers": "Pareto frontiers", "cost": "Cost against context length",
+            "recall": "Long-context recall", "tables": "Tables"}
+
+
+def front_panel_title(axis: str, L: int) -> str:
+    return f"{axis} at L = {L:,}"
 # accuracy columns indexed by L: recall_acc@L, passkey_acc@L, ...
 RECALL = re.compile(r"^(?P<base>.*acc.*)@(?P<L>\d+)$")
 

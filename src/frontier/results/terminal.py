@@ -4,11 +4,11 @@ short point labels and costs in their units; and the raw front / crossover table
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from frontier.results.answer import where_cheaper
 from frontier.results.crossover import cost_series
 from frontier.results.families import QUESTION_PAIRS, challenger_pairs, fam_rank
 from frontier.results.labels import (
@@ -121,30 +121,8 @@ def frontier_summary(out_dir: Path, quality_metric: str = "ppl") -> str:
     return txt
 
 
-def _cell(r: dict | None, x: str, series: dict | None = None) -> str:
-    """Where the point of family ``x`` is strictly cheaper, from one family-level crossover row
-    (``series``: collect's cost series, to tell a tie from "the other one is cheaper")."""
-    if r is None:
-        return "-"
-    a_is_x = r["family_a"] == x
-    ls = r["l_star"]
-    if ls is None and series is not None:
-        per = series.get((r["source"], r["hardware"], r["metric"]), {})
-        sa, sb = per.get(r["point_a"], {}), per.get(r["point_b"], {})
-        common = set(sa) & set(sb)
-        if common and all(math.isclose(sa[L], sb[L], rel_tol=1e-6) for L in common):
-            return "tied"
-    if a_is_x:
-        if ls is None:
-            return "never"
-        return "all L" if ls <= r["l_min"] else f"L >= {ls:.0f}"
-    if ls is None:
-        return "all L"
-    return "never" if ls <= r["l_min"] else f"L < {ls:.0f}"
-
-
 def _phrase(r: dict | None, x: str, series: dict | None = None) -> str:
-    c = _cell(r, x, series)
+    c = where_cheaper(r, x, series)
     rng = f"{r['l_min']:.0f}..{r['l_max']:.0f}" if r else ""
     return {"-": "not measured", "never": f"never (L {rng})", "all L": f"at every L ({rng})",
             "tied": f"tied (L {rng})"}.get(
@@ -195,7 +173,7 @@ def crossover_summary(out_dir: Path) -> str:
             parts.append(f"answer: {x} ({labels.get(reps.get(x), reps.get(x))}) beats {y} "
                          f"({labels.get(reps.get(y), reps.get(y))}) {matched} — latency: {lat or '-'}; "
                          f"memory: {mem or '-'}")
-        table = [[f"{x} vs {y}", *[_cell(idx.get((frozenset((x, y)), m)), x, series) for m in metrics],
+        table = [[f"{x} vs {y}", *[where_cheaper(idx.get((frozenset((x, y)), m)), x, series) for m in metrics],
                   "yes" if all(r["matched"] for r in rs if {r["family_a"], r["family_b"]} == {x, y}) else "no"]
                  for x, y in pairs]
         parts.append("where the first family is cheaper:")

@@ -1,6 +1,7 @@
 """The sweep's W&B report (``frontier report --wandb``): a ``wandb_workspaces.reports.v2``
 report over the sweep's runs (``group`` = sweep), saved when online, else its spec written to
-``wandb_report.json`` (re-create and save it later with :func:`upload_wandb_report`)."""
+``wandb_report.json`` (re-create and save it later with :func:`upload_wandb_report`). It opens
+with the same answer text as report.html and has its sections, in the same order."""
 
 from __future__ import annotations
 
@@ -10,7 +11,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from frontier.results.labels import METRIC_WORDS, RECALL, recall_sort_key
+from frontier.results.answer import answer_intro, family_answers, pair_title, paragraph
+from frontier.results.labels import (
+    FRONT_AXES,
+    METRIC_WORDS,
+    RECALL,
+    SECTIONS,
+    WEIGHT_PANEL_TITLE,
+    front_panel_title,
+    recall_sort_key,
+)
 from frontier.results.parquet_io import read_rows, sweep_metadata, write_text
 from frontier.results.terminal import show_text
 
@@ -22,20 +32,33 @@ def _sweep_facts(out_dir: Path) -> dict:
     meta = sweep_metadata(out_dir)
     measured = [c for c in read_rows(out_dir, "costs") if c["source"] == "measured" and c["context_len"]]
     ls = sorted({int(c["context_len"]) for c in measured})
-    metrics = [m for m in ("state_bytes", "prefill_ms", "decode_tok_s", "peak_mem_bytes")
-               if any(c["metric"] == m for c in measured)]
+    metrics = [(m, axis) for m, axis in FRONT_AXES["measured"] if any(c["metric"] == m for c in measured)]
     cols = list(runs[0]) if runs else []
     recall = sorted((c for c in cols if RECALL.match(c)), key=recall_sort_key)
     return {"sweep": meta.get("sweep", out_dir.name), "ls": ls, "metrics": metrics, "recall": recall,
             "has_ppl": "ppl" in cols}
 
 
+def answer_blocks(out_dir: Path) -> list:
+    """The report's opening: the same answer text as report.html's answer block (an intro, then
+    one heading and paragraph per family pair, the question's pairs first)."""
+    import wandb_workspaces.reports.v2 as wr
+
+    answers = family_answers(out_dir)
+    blocks = [wr.H1(SECTIONS["answer"]), wr.P(answer_intro(answers))]
+    for p in answers["pairs"]:
+        blocks += [wr.H2(pair_title(p) + ("" if p["matched"] else " (quality not matched)")),
+                   wr.P(paragraph(p, answers))]
+    return blocks
+
+
 def build_wandb_report(out_dir: Path, entity: str, project: str = "frontier"):
     """The sweep's W&B report as a ``wandb_workspaces.reports.v2.Report`` (built locally; nothing
-    is sent). Panel grids over the sweep's runs (``group`` = sweep): the evaluate runs' summary
-    metrics (``ppl``, ``weight_bytes``, ``<cost>@<L>``, ``recall_acc@<L>``) as the frontier
-    scatters, cost-vs-L and recall-vs-L parallel coordinates; the collect run's W&B Tables
-    (runs, frontier, crossover); and the ``frontier show`` text."""
+    is sent), in report.html's order: the answer (:func:`answer_blocks`); the Pareto frontiers
+    (the evaluate runs' summary metrics ``ppl`` against ``weight_bytes`` and ``<cost>@<L>`` at the
+    largest measured L, titled as report.html's panels); cost and recall against L (parallel
+    coordinates over L); the collect run's W&B Tables (runs, frontier, crossover); and the
+    ``frontier show`` text. Runs are those of the sweep (``group`` = sweep)."""
     import wandb_workspaces.reports.v2 as wr
     from wandb_workspaces import expr
 
@@ -49,38 +72,37 @@ def build_wandb_report(out_dir: Path, entity: str, project: str = "frontier"):
 
     ident = [wr.ParallelCoordinatesPlotColumn(metric=wr.Config(k), display_name=k.split(".")[0])
              for k in ("quant.name", "attention.name", "finetune.name")]
-    frontier_panels = [wr.ScatterPlot(title="perplexity vs weight bytes", x="weight_bytes", y="ppl", log_x=True)]
-    for m in f["metrics"]:
-        frontier_panels.append(wr.ScatterPlot(title=f"perplexity vs {METRIC_WORDS.get(m, m)} at L={lmax} (measured)",
-                                              x=f"{m}@{lmax}", y="ppl", log_x=True))
+    frontier_panels = [wr.ScatterPlot(title=WEIGHT_PANEL_TITLE, x="weight_bytes", y="ppl", log_x=True)]
+    for m, axis in f["metrics"]:
+        frontier_panels.append(wr.ScatterPlot(title=front_panel_title(axis, lmax), x=f"{m}@{lmax}", y="ppl",
+                                              log_x=True))
     cost_panels = [wr.ParallelCoordinatesPlot(
         title=f"{METRIC_WORDS.get(m, m)} vs L (measured)", columns=ident + [
             wr.ParallelCoordinatesPlotColumn(metric=f"{m}@{L}", display_name=f"L={L}", log=True) for L in f["ls"]])
-        for m in f["metrics"]]
+        for m, _ in f["metrics"]]
     recall_panels = [wr.ParallelCoordinatesPlot(title="recall accuracy vs L", columns=ident + [
         wr.ParallelCoordinatesPlotColumn(metric=c) for c in f["recall"]])] if f["recall"] else []
     table_panels = [wr.WeavePanelSummaryTable(table_name=t, layout=wr.Layout(w=24, h=12))
                     for t in ("runs", "frontier", "crossover")]
-    blocks = [
-        wr.P(f"Sweep {sweep}: quantization vs attention surgery, quality and cost as a function of context "
-             f"length L. Runs are grouped by sweep (group = {sweep}) with job_type = pipeline stage; the "
-             "Parquet files in results/" + sweep + "/ are the store (docs/results-schema.md)."),
-        wr.H1("Pareto frontiers"),
-        wr.P("Perplexity (lower is better) against each cost; one point per evaluate run."),
+    blocks = answer_blocks(out_dir) + [
+        wr.H1(SECTIONS["frontiers"]),
+        wr.P(f"Perplexity (lower is better) against each cost, one point per evaluate run of sweep {sweep} "
+             f"(group = {sweep}); measured costs at the largest measured L. The Parquet files in results/{sweep}/ "
+             "are the store (docs/results-schema.md); report.html there also has the modelled frontiers."),
         wr.PanelGrid(runsets=[runset("evaluate")], panels=frontier_panels),
     ]
     if cost_panels:
-        blocks += [wr.H1("Cost vs context length"),
+        blocks += [wr.H1(SECTIONS["cost"]),
                    wr.P("Each line is a point of the grid across its measured context lengths."),
                    wr.PanelGrid(runsets=[runset("evaluate")], panels=cost_panels)]
     if recall_panels:
-        blocks += [wr.H1("Recall accuracy vs context length"),
+        blocks += [wr.H1(SECTIONS["recall"]),
                    wr.PanelGrid(runsets=[runset("evaluate")], panels=recall_panels)]
-    blocks += [wr.H1("Collected tables"),
+    blocks += [wr.H1(SECTIONS["tables"]),
                wr.P("The collect run's W&B Tables: runs, frontier (on_front + reason), crossover (L*)."),
                wr.PanelGrid(runsets=[runset("collect")], panels=table_panels)]
     if (out_dir / "crossover.parquet").exists():
-        blocks += [wr.H1("Frontier and crossover summary"),
+        blocks += [wr.H1("frontier show"),
                    wr.CodeBlock(code=show_text(out_dir), language="markdown")]
     return wr.Report(project=project, entity=entity, title=f"frontier: {sweep}"[:128],
                      description="Quantization vs attention surgery: Pareto frontiers and crossover context lengths.",
