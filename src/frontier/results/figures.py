@@ -55,6 +55,19 @@ def _log_ok(vals: list[float]) -> bool:
     return bool(vals) and min(vals) > 0 and max(vals) / min(vals) > 20
 
 
+def _bytes_linear_axis(vals: list[float]) -> dict:
+    """About five ticks at round multiples of KiB / MiB / GiB, labelled in those units."""
+    hi = max(vals)
+    unit = 1024 ** max(0, min(4, int(math.log(max(hi, 1), 1024))))
+    raw = ((hi - min(vals)) or hi) / unit / 5
+    step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)
+                if m * 10 ** math.floor(math.log10(raw)) >= raw), default=raw) * unit if raw > 0 else unit
+    lo = math.floor(min(vals) / step) * step
+    ticks = [lo + i * step for i in range(int((hi - lo) / step) + 2)]
+    name = ("B", "KiB", "MiB", "GiB", "TiB")[round(math.log(unit, 1024))]
+    return {"tickvals": ticks, "ticktext": [f"{t / unit:.3g} {name}" for t in ticks]}
+
+
 def _bytes_axis(vals: list[float]) -> dict:
     """Tick labels in binary units at powers of 4 (log) for a byte axis."""
     lo, hi = min(vals), max(vals)
@@ -125,8 +138,7 @@ def frontier_figure(panels: list[dict], runs: dict[str, dict], labels: dict[str,
         if _log_ok(xs):
             xaxis.update(_log_axis(metric, xs))
         elif metric.endswith("bytes"):
-            xaxis["tickformat"] = "~s"
-            xaxis["ticksuffix"] = "B"
+            xaxis.update(_bytes_linear_axis(xs))
         fig.update_xaxes(row=row, col=col, **xaxis)
         fig.update_yaxes(row=row, col=col, title={"text": "perplexity" if col == 1 else "", "font": {"size": 11}})
     _layout(fig, nrow, left=60)
@@ -201,7 +213,11 @@ def cost_vs_l_figure(source: str, hw: str, costs: list[dict], cross: list[dict],
         ys_all = [v for pts in per.values() for _, v in pts]
         marks = _lstar_marks(cross, source, hw, xmetric)
         if marks and ys_all:
-            top = max(ys_all) * (1.6 if _log_ok(ys_all) else 1.04)
+            lo_y, hi_y = min(ys_all), max(ys_all)
+            if _log_ok(ys_all):  # 6 % of the axis above the highest line
+                top = hi_y * (hi_y / lo_y) ** 0.06
+            else:
+                top = hi_y + 0.06 * ((hi_y - lo_y) or abs(hi_y))
             for x, _ in marks:
                 fig.add_vline(x=x, line={"color": LSTAR_COLOR, "dash": "dash", "width": 1}, row=row, col=col)
             fig.add_trace(go.Scatter(
@@ -215,8 +231,8 @@ def cost_vs_l_figure(source: str, hw: str, costs: list[dict], cross: list[dict],
         yaxis: dict = {"title": {"text": ylabel, "font": {"size": 11}}}
         if _log_ok(ys_all):
             yaxis.update(_log_axis(metric, ys_all))
-        elif metric.endswith("bytes"):
-            yaxis.update(tickformat="~s", ticksuffix="B")
+        elif metric.endswith("bytes") and ys_all:
+            yaxis.update(_bytes_linear_axis(ys_all))
         fig.update_yaxes(row=row, col=col, **yaxis)
     _layout(fig, nrow, left=70)
     return fig

@@ -27,8 +27,9 @@ def fam_cell(f) -> tuple[str, object]:
 def point_link(pid: str, labels: dict, anchors: dict) -> tuple[str, object]:
     lab = labels.get(pid, pid)
     a = anchors.get(pid)
-    txt = f"<a href='#{a}' title='{e(pid)}'>{e(lab)}</a>" if a else e(lab)
-    return (txt, lab)
+    shown = e(lab).replace("/", "/<wbr>")  # long labels may wrap after a slash
+    txt = f"<a href='#{a}' title='{e(pid)}'>{shown}</a>" if a else shown
+    return (f"<span class='pt'>{txt}</span>", lab)
 
 
 def num_cell(v, text: str | None = None) -> tuple[str, object]:
@@ -61,6 +62,11 @@ def render(tid: str, cols: list[tuple[str, bool]], rows: list[list[tuple[str, ob
     cap = f"<p class='note'>{caption}</p>" if caption else ""
     return (f"{cap}<div class='ctl'>{' '.join(ctl)}</div><div class='tw'><table class='tbl' id='{tid}'>"
             f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>")
+
+
+def _where(r: dict) -> str:
+    """``measured on cpu`` / ``modelled on h100`` / ``measured`` (no hardware: weight bytes)."""
+    return f"{r['source']} on {r['hardware']}" if r.get("hardware") else str(r["source"])
 
 
 def recall_column(runs: list[dict]) -> str | None:
@@ -123,12 +129,12 @@ def fronts_table(front: list[dict], labels: dict, anchors: dict) -> str:
     rows_in = [r for r in front if r["quality_metric"] == "ppl"]
     rows_in.sort(key=lambda r: (r["source"] != "measured", str(r["hardware"]), r["cost_metric"],
                                 r["context_len"] or 0, not r.get("on_front", True), r["point_id"]))
-    cols = [("source", False), ("hardware", False), ("cost", False), ("L", False), ("point", False),
-            ("family", False), ("value", False), ("ppl", False), ("on front", False), ("why not", False)]
+    cols = [("where", False), ("cost", False), ("L", False), ("point", False), ("family", False),
+            ("value", False), ("ppl", False), ("on front", False), ("why not", False)]
     rows, attrs = [], []
     for r in rows_in:
         m = r["cost_metric"]
-        rows.append([cell(r["source"]), cell(r["hardware"] or "-"), cell(METRIC_WORDS.get(m, m)),
+        rows.append([cell(_where(r)), cell(METRIC_WORDS.get(m, m)),
                      num_cell(r["context_len"], None if r["context_len"] is None else f"{r['context_len']:,}"),
                      point_link(r["point_id"], labels, anchors), fam_cell(r.get("family")),
                      num_cell(r.get("cost"), fmt_cost(m, r.get("cost"))), num_cell(r.get("quality")),
@@ -142,21 +148,20 @@ def fronts_table(front: list[dict], labels: dict, anchors: dict) -> str:
 def crossover_table(cross: list[dict], labels: dict, anchors: dict) -> str:
     rows_in = sorted(cross, key=lambda r: (r["level"] != "family", r["source"] != "measured", str(r["hardware"]),
                                            r["metric"], r["point_a"], r["point_b"]))
-    cols = [("level", False), ("source", False), ("hardware", False), ("cost", False),
-            ("a (cheaper from L*)", False), ("family a", False), ("b", False), ("family b", False),
-            ("L*", False), ("ppl gap a/b", False), ("matched", False), ("L range", True), ("method", True)]
+    cols = [("where", False), ("cost", False), ("a (cheaper from L*)", False), ("family a", False), ("b", False),
+            ("family b", False), ("L*", False), ("ppl gap a/b", False), ("matched", False), ("level", True),
+            ("L range", True), ("method", True)]
     rows, attrs = [], []
     for r in rows_in:
         ls = r["l_star"]
         lstar = ("never", None) if ls is None else (
             (f"{ls:,.0f} (all L)" if ls <= r["l_min"] else f"{ls:,.0f}"), float(ls))
         gap = r.get("quality_gap")
-        rows.append([cell(r["level"]), cell(r["source"]), cell(r["hardware"]),
-                     cell(METRIC_WORDS.get(r["metric"], r["metric"])),
+        rows.append([cell(_where(r)), cell(METRIC_WORDS.get(r["metric"], r["metric"])),
                      point_link(r["point_a"], labels, anchors), fam_cell(r.get("family_a")),
                      point_link(r["point_b"], labels, anchors), fam_cell(r.get("family_b")),
                      (e(lstar[0]), lstar[1]), num_cell(gap, None if not is_num(gap) else f"{gap:+.1%}"),
-                     cell("yes" if r.get("matched") else "no"),
+                     cell("yes" if r.get("matched") else "no"), cell(r["level"]),
                      cell(f"{r['l_min']:,.0f}–{r['l_max']:,.0f}"), cell(r.get("method"))])
         attrs.append({"off": r["level"] != "family"})
     return render("crossover-table", cols, rows, attrs, off_label="show point-level pairs",
