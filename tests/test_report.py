@@ -142,7 +142,7 @@ def test_report_html_opens_with_the_answer(out, rendered):
     # hand-made fixture: linear attention (ppl 10.5) vs int8 (10.2), matched within 10 %; prefill
     # 5 + 0.02 L vs 1 + 1e-4 L^2 ms crosses at L* = 323.6; state 4352 B vs 256 L B: cheaper at every L
     att = text.split("Attention vs quantization", 1)[1].split("Combined vs quantization", 1)[0]
-    assert "perplexity 2.9% higher: matched quality" in att
+    assert "perplexity 2.9% higher, matched quality" in att
     assert "Measured on cpu (L 128–512), where attention is cheaper: prefill latency from L ≈ 324" in att
     assert "state memory at every L" in att and "Modelled on cpu (L 128–131,072)" in att
     # combined (sliding window, ppl 12.0) vs int8 (10.2) is beyond the 10 % tolerance: said so

@@ -121,8 +121,8 @@ def pair_lead(pair: dict, answers: dict) -> str:
         q = "perplexity gap unknown"
     else:
         q = f"perplexity {abs(gap):.1%} {'higher' if gap > 0 else 'lower'}" if abs(gap) >= 5e-4 else "equal perplexity"
-    q += (": matched quality" if pair["matched"] else
-          ": NOT matched quality (beyond the collect tolerance), so the L* below compare unequal quality")
+    q += (", matched quality" if pair["matched"] else
+          ", NOT matched quality (beyond the collect tolerance): the L* below compare unequal quality")
     return (f"{pair['x'].capitalize()} ({lab.get(px, px)}, ppl {fmt_q(ppl.get(px))}) against {pair['y']} "
             f"({lab.get(py, py)}, ppl {fmt_q(ppl.get(py))}): {q}.")
 
