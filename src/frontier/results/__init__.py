@@ -1,0 +1,24 @@
+"""A sweep's results: ``results/<sweep>/*.parquet`` and everything derived from them.
+
+Store (the collect stage):
+
+* :mod:`~frontier.results.schema` — the four tables' columns, types and meanings (rendered into
+  docs/results-schema.md), metric directions, value conversion.
+* :mod:`~frontier.results.parquet_io` — atomic writes, file metadata, reading back.
+* :mod:`~frontier.results.families` — the efficiency family of a point; family order and colours.
+* :mod:`~frontier.results.runs` — ``metrics.json`` → runs and cost rows; ``gap_closed``.
+* :mod:`~frontier.results.fronts` — Pareto fronts (``frontier.parquet``).
+* :mod:`~frontier.results.crossover` — L* between points and families (``crossover.parquet``).
+* :mod:`~frontier.results.collect` — the stage: merge, write, mirror the tables to W&B.
+
+Presentation (reads the Parquet files only):
+
+* :mod:`~frontier.results.labels` — short labels, units, words, panel and section titles.
+* :mod:`~frontier.results.answer` — the answer per family pair (L* per cost metric, quality gap),
+  shared by ``frontier show``, report.html and the W&B report.
+* :mod:`~frontier.results.terminal` — ``frontier show``.
+* :mod:`~frontier.results.plots` — static PNGs (Snakemake report, docs).
+* :mod:`~frontier.results.html` — ``report.html`` (:mod:`~frontier.results.figures`: its Plotly
+  figures; :mod:`~frontier.results.tables`: its tables; ``assets/``: its CSS and JS).
+* :mod:`~frontier.results.wandb_report` — ``frontier report --wandb``.
+"""
