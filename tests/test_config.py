@@ -96,3 +96,15 @@ def test_cross_field_rules():
 def test_unknown_option_lists_available():
     with pytest.raises(C.ConfigError, match="unknown option 'int9'; available: .*int8"):
         C.compose((("quant", "int9"),))
+
+
+def test_softmax_fraction_keeps_a_share_of_the_layers_whatever_the_depth():
+    a = {"n_softmax": 1, "softmax_fraction": 0.25}
+    assert [C.softmax_layer_count(a, n) for n in (2, 4, 30, 32)] == [1, 1, 7, 8]
+    assert C.softmax_layer_count({"n_softmax": 3, "softmax_fraction": None}, 30) == 3
+    cfg = C.compose((("model", "micro"), ("attention", "hybrid_lolcats")))
+    C.validate_point(cfg)   # a quarter of 2 layers: 1 kept, 1 swapped
+    cfg["attention"]["softmax_fraction"] = None
+    cfg["attention"]["n_softmax"] = 2
+    with pytest.raises(C.ConfigError, match=r"attention.n_softmax.*hybrid_lolcats.*softmax_fraction"):
+        C.validate_point(cfg)

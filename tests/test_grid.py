@@ -11,7 +11,7 @@ from frontier import grid
 
 
 def test_demo_covers_every_option_with_prefix_sharing():
-    p = grid.plan(["sweep=demo"])
+    p = grid.plan(["sweep=tiny"])
     assert len(p.points) >= 12
     for stage, opts in (("quant", {"none", "int8", "int4_g32"}), ("attention", {"softmax", "sliding_window", "linear_elu"}),
                         ("finetune", {"none", "lolcats"})):
@@ -25,7 +25,7 @@ def test_demo_covers_every_option_with_prefix_sharing():
 
 
 def test_cli_override_replaces_axis_and_slugs_paths():
-    p = grid.plan(["sweep=demo", "quant=int8", "attention=sliding_window", "attention.window=range(32,97,32)"])
+    p = grid.plan(["sweep=tiny", "quant=int8", "attention=sliding_window", "attention.window=range(32,97,32)"])
     assert {pt.choices["quant"] for pt in p.points} == {"int8"}
     assert sorted({pt.cfg["attention"]["window"] for pt in p.points}) == [32, 64, 96]
     assert "tiny/int8/sliding_window~window=32/none/default" in [pt.point_id for pt in p.points]
@@ -34,16 +34,16 @@ def test_cli_override_replaces_axis_and_slugs_paths():
 
 
 def test_glob_and_exclude():
-    p = grid.plan(["sweep=demo", "quant=glob(int*)", "finetune=none"])
+    p = grid.plan(["sweep=tiny", "quant=glob(int*)", "finetune=none"])
     assert {pt.choices["quant"] for pt in p.points} == {o for o in C.group_options("quant") if o.startswith("int")}
     assert {"int8", "int4_g32"} <= {pt.choices["quant"] for pt in p.points}
-    p = grid.plan(["sweep=demo"])
+    p = grid.plan(["sweep=tiny"])
     assert not any(pt.choices["attention"] == "softmax" and pt.choices["finetune"] == "lolcats" for pt in p.points)
     assert p.excluded == 3
 
 
 def test_value_override_applies_only_where_the_option_has_the_key():
-    p = grid.plan(["sweep=demo", "attention.window=32"])
+    p = grid.plan(["sweep=tiny", "attention.window=32"])
     for pt in p.points:
         if pt.choices["attention"] == "sliding_window":
             assert pt.cfg["attention"]["window"] == 32 and "window=32" in pt.components[2]
@@ -57,7 +57,7 @@ def test_long_override_slugs_are_hashed():
 
 
 def test_thousand_points_plan():
-    p = grid.plan(["sweep=demo", "attention=sliding_window", "attention.window=range(1,251)", "quant=none,int8,int4_g32",
+    p = grid.plan(["sweep=tiny", "attention=sliding_window", "attention.window=range(1,251)", "quant=none,int8,int4_g32",
                    "finetune=none"])
     assert len(p.points) == 750
     assert p.job_counts()["surgery"] == 750
@@ -94,7 +94,7 @@ BAD = [
 @pytest.mark.parametrize("overrides,key", BAD, ids=[" ".join(o) for o, _ in BAD])
 def test_malformed_overrides_fail_naming_the_key(overrides, key):
     with pytest.raises(C.ConfigError) as e:
-        grid.plan(overrides)
+        grid.plan(["sweep=tiny", *overrides])
     assert e.value.key.startswith(key), (e.value.key, str(e.value))
 
 
@@ -109,7 +109,7 @@ def test_cli_plan_fails_early_and_writes_nothing(tmp_path):
 
 # ------------------------------------------------------------------ quant.when: pre | post
 def test_quant_when_pre_and_post_in_one_sweep_share_prefixes():
-    p = grid.plan(["sweep=demo", "quant=int8,int4_g32", "quant.when=pre,post", "attention=softmax,linear_elu",
+    p = grid.plan(["sweep=tiny", "quant=int8,int4_g32", "quant.when=pre,post", "attention=softmax,linear_elu",
                    "finetune=none,lolcats"])
     by = {(pt.choices["quant"], pt.cfg["quant"]["when"], pt.choices["attention"], pt.choices["finetune"]): pt
           for pt in p.points}
@@ -143,18 +143,18 @@ def test_quant_when_pre_and_post_in_one_sweep_share_prefixes():
 
 
 def test_post_points_share_surgery_and_finetune_with_unquantized_points():
-    p = grid.plan(["sweep=demo", "quant=int8", "quant.when=post", "attention=linear_elu", "finetune=lolcats"])
-    q = grid.plan(["sweep=demo", "quant=none", "attention=linear_elu", "finetune=lolcats"])
+    p = grid.plan(["sweep=tiny", "quant=int8", "quant.when=post", "attention=linear_elu", "finetune=lolcats"])
+    q = grid.plan(["sweep=tiny", "quant=none", "attention=linear_elu", "finetune=lolcats"])
     assert set(p.jobs()["finetune"]) == set(q.jobs()["finetune"])
     assert set(p.jobs()["surgery"]) == set(q.jobs()["surgery"])
     # the explicit default `quant.when=pre` is not part of any path
-    r = grid.plan(["sweep=demo", "quant=int8", "quant.when=pre", "finetune=none"])
+    r = grid.plan(["sweep=tiny", "quant=int8", "quant.when=pre", "finetune=none"])
     assert all(pt.components[1] == "int8" for pt in r.points)
 
 
 def test_post_with_quant_none_fails_naming_quant_when_and_an_exclude_rule_drops_it(monkeypatch):
     with pytest.raises(C.ConfigError) as e:
-        grid.plan(["sweep=demo", "quant=none,int8", "quant.when=pre,post"])
+        grid.plan(["sweep=tiny", "quant=none,int8", "quant.when=pre,post"])
     assert e.value.key == "quant.when" and "exclude" in str(e.value)
     real = grid._base_config
 
@@ -164,7 +164,7 @@ def test_post_with_quant_none_fails_naming_quant_when_and_an_exclude_rule_drops_
         return cfg
 
     monkeypatch.setattr(grid, "_base_config", base_config)
-    p = grid.plan(["sweep=demo", "quant=none,int8", "quant.when=pre,post", "attention=softmax", "finetune=none"])
+    p = grid.plan(["sweep=tiny", "quant=none,int8", "quant.when=pre,post", "attention=softmax", "finetune=none"])
     assert sorted(pt.point_id for pt in p.points) == ["tiny/int8/softmax/none/default", "tiny/none/softmax/none/default",
                                                       "tiny/none/softmax/none/int8~when=post/default"]
 
@@ -172,13 +172,13 @@ def test_post_with_quant_none_fails_naming_quant_when_and_an_exclude_rule_drops_
 def test_post_lifts_the_quantized_base_restrictions_of_finetuning():
     # full fine-tuning trains every weight: impossible over a frozen quantized base (pre), fine before post quantization
     with pytest.raises(C.ConfigError) as e:
-        grid.plan(["sweep=demo", "quant=int8", "attention=linear_elu", "finetune=full"])
+        grid.plan(["sweep=tiny", "quant=int8", "attention=linear_elu", "finetune=full"])
     assert e.value.key == "finetune.method"
-    p = grid.plan(["sweep=demo", "quant=int8", "quant.when=post", "attention=linear_elu", "finetune=full",
+    p = grid.plan(["sweep=tiny", "quant=int8", "quant.when=post", "attention=linear_elu", "finetune=full",
                    "finetune.zero_stage=3"])
     assert [pt.point_id for pt in p.points] == ["tiny/none/linear_elu/full~zero_stage=3/int8~when=post/default"]
     with pytest.raises(C.ConfigError) as e:
-        grid.plan(["sweep=demo", "quant.when=later"])
+        grid.plan(["sweep=tiny", "quant.when=later"])
     assert e.value.key == "quant.when" and "pre, post" in str(e.value)
 
 
@@ -205,10 +205,10 @@ def test_composing_groups_one_by_one_equals_composing_the_combination():
 
 
 def test_cli_axis_that_leaves_no_point_with_a_set_entry_skips_it():
-    p = grid.plan(["attention=softmax"])   # demo's finetune.* set: entries; softmax points are finetune none only
+    p = grid.plan(["sweep=tiny", "attention=softmax"])   # tiny's finetune.* set: entries; softmax points are finetune none only
     assert p.points and {pt.choices["finetune"] for pt in p.points} == {"none"}
     assert {pt.choices["finetune"] for pt in grid.plan(["sweep=ci", "finetune=none"]).points} == {"none"}
-    p = grid.plan(["attention=linear_elu"])   # and they still apply where a point has the key
+    p = grid.plan(["sweep=tiny", "attention=linear_elu"])   # and they still apply where a point has the key
     assert {pt.cfg["finetune"]["lora"]["seq_len"] for pt in p.points if pt.choices["finetune"] == "lolcats"} == {128}
 
 
@@ -227,22 +227,22 @@ def _sweep_set(monkeypatch, **extra):
 def test_typo_in_the_sweeps_set_fails_naming_the_sweep_file(monkeypatch, cli):
     _sweep_set(monkeypatch, **{"finetune.lora.seqlen": 64})
     with pytest.raises(C.ConfigError) as e:
-        grid.plan(cli)
-    assert e.value.key == "finetune.lora.seqlen" and "conf/sweep/demo.yaml" in str(e.value), str(e.value)
+        grid.plan(["sweep=tiny", *cli])
+    assert e.value.key == "finetune.lora.seqlen" and "conf/sweep/tiny.yaml" in str(e.value), str(e.value)
 
 
 def test_bad_value_in_the_sweeps_set_names_the_sweep_file(monkeypatch):
     _sweep_set(monkeypatch, **{"finetune.lora.seq_len": 100000})
     with pytest.raises(C.ConfigError) as e:
-        grid.plan([])
+        grid.plan(["sweep=tiny"])
     msg = str(e.value)
-    assert e.value.key == "finetune.lora.seq_len" and "max_position" in msg and "conf/sweep/demo.yaml" in msg, msg
-    assert grid.plan(["finetune.lora.seq_len=64"]).points   # the command line's value replaces it
+    assert e.value.key == "finetune.lora.seq_len" and "max_position" in msg and "conf/sweep/tiny.yaml" in msg, msg
+    assert grid.plan(["sweep=tiny", "finetune.lora.seq_len=64"]).points   # the command line's value replaces it
 
 
 def test_a_command_line_typo_is_not_blamed_on_the_sweep_file():
     with pytest.raises(C.ConfigError) as e:
-        grid.plan(["attention=softmax", "finetune.lora.seqlen=3"])
+        grid.plan(["sweep=tiny", "attention=softmax", "finetune.lora.seqlen=3"])
     assert e.value.key == "finetune.lora.seqlen" and "conf/sweep" not in str(e.value)
 
 

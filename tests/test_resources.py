@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def demo():
-    return grid.plan(["sweep=demo"])
+    return grid.plan(["sweep=tiny"])
 
 
 def _point(plan, stage):
@@ -219,12 +219,12 @@ def test_estimate_plan_demo(demo):
 def test_estimate_plan_physics():
     """Bigger model → more GPU-hours; quantized linears write fewer bytes than the base; more GPUs per
     finetune job → same per-rank work on more devices."""
-    small = R.estimate_plan(grid.plan(["sweep=demo", "hardware=h100"]))
-    big = R.estimate_plan(grid.plan(["sweep=demo", "hardware=h100", "model=llama3_8b", "eval=default"]))
+    small = R.estimate_plan(grid.plan(["sweep=tiny", "hardware=h100"]))
+    big = R.estimate_plan(grid.plan(["sweep=tiny", "hardware=h100", "model=llama3_8b", "eval=default"]))
     assert big["total"]["gpu_hours"] > small["total"]["gpu_hours"]
     assert big["stages"]["base"]["disk_bytes"] > big["stages"]["quantize"]["disk_bytes"] / 2
     assert big["stages"]["evaluate"]["peak_gpu_mem_bytes"] > 15e9      # 8B bf16 weights alone are ~15 GiB
-    wide = R.estimate_plan(grid.plan(["sweep=demo", "hardware=h100", "finetune.nproc=8"]))
+    wide = R.estimate_plan(grid.plan(["sweep=tiny", "hardware=h100", "finetune.nproc=8"]))
     assert wide["stages"]["finetune"]["gpu_hours"] == pytest.approx(small["stages"]["finetune"]["gpu_hours"] * 4)
 
 

@@ -126,6 +126,9 @@ class SwappedAttnCfg(SoftmaxAttnCfg):
     keep_softmax: Any = _f(None, doc="null: swap every layer; a list of layer indices kept softmax; or 'auto': "
                            "choose n_softmax layers from calibration diagnostics")
     n_softmax: int = _f(1, ge=1, doc="keep_softmax=auto: how many layers keep softmax")
+    softmax_fraction: Optional[float] = _f(None, gt=0, le=0.5, doc="keep_softmax=auto: keep this share of the "
+                                          "model's layers softmax (at least 1, rounded down) instead of n_softmax, "
+                                          "so one option fits models of any depth")
     keep_by: str = _f("combined", choices=("combined", "entropy", "sink", "massive"),
                       doc="keep_softmax=auto: the per-layer score that ranks layers")
     calib_samples: int = _f(8, ge=1, doc="keep_softmax=auto: calibration windows from the sweep's training split")
@@ -615,7 +618,8 @@ def _validate_attention(a: dict, m: dict, ev: dict) -> None:
     kind = a["kind"]
     refused = family_refusal(m["family"], a)
     if refused:
-        raise ConfigError(*refused)
+        key, why = refused
+        raise ConfigError(key, f"{why} (model option {m['name']!r}, attention option {a['name']!r})")
     if kind in ("sliding_window", "sink_window", "lolcats") and a["window"] >= seq:
         raise ConfigError("attention.window", f"window {a['window']} must be below eval.ppl.seq_len={seq} or it equals softmax")
     if kind == "block_sparse" and a["block_size"] * (a["local_blocks"] + a["global_blocks"]) >= seq:
@@ -648,9 +652,10 @@ def _validate_attention(a: dict, m: dict, ev: dict) -> None:
         return
     layers = m["layers"]
     if keep == "auto":
-        if a["n_softmax"] >= layers:
-            raise ConfigError("attention.n_softmax", f"must be below model.layers={layers} (all layers softmax is "
-                              "attention=softmax)")
+        if a.get("softmax_fraction") is None and a["n_softmax"] >= layers:
+            raise ConfigError("attention.n_softmax", f"{a['n_softmax']} (attention option {a['name']!r}) must be below "
+                              f"model.layers={layers} of model {m['name']!r} (all layers softmax is attention=softmax); "
+                              "or set attention.softmax_fraction")
         return
     if not isinstance(keep, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in keep):
         raise ConfigError("attention.keep_softmax", f"must be null, 'auto' or a list of layer indices, got {keep!r}")
@@ -752,3 +757,12 @@ def compose(group_choices: tuple[tuple[str, str], ...]) -> dict:
     except MissingConfigException as e:  # pragma: no cover - guarded above
         raise ConfigError(group_choices[0][0] if group_choices else "config", str(e)) from e
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+def softmax_layer_count(attention_cfg: dict, layers: int) -> int:
+    """How many layers a `keep_softmax: auto` hybrid keeps softmax: `softmax_fraction` of the
+    model's layers (rounded down, at least 1) when set, else `n_softmax`."""
+    frac = attention_cfg.get("softmax_fraction")
+    if frac is not None:
+        return max(1, int(float(frac) * int(layers)))
+    return int(attention_cfg.get("n_softmax", 1))

@@ -242,7 +242,9 @@ def layer_kinds(model_cfg: dict, attention_cfg: dict | None) -> list[str]:
     kind = _attn_kind(attention_cfg)
     keep_cfg = (attention_cfg or {}).get("keep_softmax") or []
     if keep_cfg == "auto":
-        keep_cfg = range(min(int((attention_cfg or {}).get("n_softmax", 1)), n))
+        from .config import softmax_layer_count
+
+        keep_cfg = range(min(softmax_layer_count(attention_cfg or {}, n), n))
     keep = {int(i) % n for i in keep_cfg}
     return ["softmax" if i in keep else kind for i in range(n)]
 

@@ -270,7 +270,8 @@ def plan(cli_overrides: Iterable[str] = (), *, cuda_available: Optional[bool] = 
 
     Command-line overrides replace the sweep's axis of the same key (and may be sweeps
     themselves); value overrides in the sweep's `set:` apply to every point that has the key.
-    A `set:` entry that no point has once the command line replaced an axis (e.g.
+    A `set:` entry (or a value axis of the sweep's grid) that no point has once the command
+    line replaced an axis (e.g.
     `finetune.lora.steps` after `attention=softmax` left only `finetune: none` points) is
     skipped; one that no option of the sweep's own grid has is an error naming the sweep file.
     """
@@ -366,7 +367,8 @@ def plan(cli_overrides: Iterable[str] = (), *, cuda_available: Optional[bool] = 
         out.points.append(Point(point_id=pid, choices=names, overrides=overrides, components=tuple(comps), cfg=cfg))
     value_keys = {k for k in axes if "." in k}
     for k in sorted(value_keys - used_keys):
-        if k in set_values and cli and _in_own_grid(k, grid_axes, sweep_name):
+        from_file = k in set_values or (k in grid_axes and k not in cli_keys)  # the sweep file's own value axes
+        if from_file and cli and _in_own_grid(k, grid_axes, sweep_name):
             continue  # valid in the sweep's own grid; the command line removed every point it applies to
         parent = k.rsplit(".", 1)[0]
         allowed: set = set()

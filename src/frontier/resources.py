@@ -36,6 +36,7 @@ import shlex
 from typing import Any, Optional
 
 from . import costmodel
+from .config import softmax_layer_count
 
 STAGES = ("base", "quantize", "surgery", "finetune", "evaluate")   # the pipeline's compute stages
 MIB = 1024 * 1024
@@ -138,7 +139,8 @@ def attention_params(model_cfg: dict, attention_cfg: dict) -> int:
     if kind == "lolcats":
         per_layer += int(model_cfg["heads"])
     keep = attention_cfg.get("keep_softmax")
-    n_keep = int(attention_cfg.get("n_softmax", 1)) if keep == "auto" else len(set(keep or ()))
+    n_keep = (softmax_layer_count(attention_cfg, int(model_cfg["layers"])) if keep == "auto"
+              else len(set(keep or ())))
     return max(int(model_cfg["layers"]) - n_keep, 0) * per_layer
 
 

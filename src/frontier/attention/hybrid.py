@@ -125,7 +125,10 @@ def resolve_keep_softmax(model: nn.Module, cfg: dict, calib_ids: torch.Tensor | 
     if calib_ids is None:
         raise ValueError("attention keep_softmax: auto needs calibration text (calib_ids) to choose the layers")
     diag = layer_diagnostics(model, calib_ids, sink_tokens=int(cfg.get("sink_tokens", 4)))
-    keep, score = choose_softmax_layers(diag, int(cfg.get("n_softmax", 1)), cfg.get("keep_by", "combined"))
+    from frontier.config import softmax_layer_count
+
+    n_keep = softmax_layer_count(cfg, int(model.config.num_hidden_layers))
+    keep, score = choose_softmax_layers(diag, n_keep, cfg.get("keep_by", "combined"))
     diag = {**diag, "score": score, "keep_softmax": keep, "keep_by": cfg.get("keep_by", "combined"),
             "calib_shape": list(calib_ids.shape)}
     return {**cfg, "keep_softmax": keep}, diag
