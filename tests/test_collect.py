@@ -5,7 +5,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from frontier import collect, report
+from frontier.results import collect, html, parquet_io, plots, schema, terminal
 
 MODEL = {"name": "tiny", "family": "llama", "layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2,
          "head_dim": 16, "intermediate": 128, "vocab": 256, "tie_embeddings": False}
@@ -128,8 +128,8 @@ def test_runs_table(collected):
 def test_metadata_and_atomic(collected):
     _, out, _ = collected
     for name in ("runs", "costs", "frontier", "crossover"):
-        md = collect.read_metadata(out / f"{name}.parquet")
-        assert md["sweep"] == "demo" and md["schema_version"] == collect.SCHEMA_VERSION
+        md = parquet_io.read_metadata(out / f"{name}.parquet")
+        assert md["sweep"] == "demo" and md["schema_version"] == schema.SCHEMA_VERSION
         assert "pyarrow" in json.loads(md["versions"])
         assert md["git_commit"]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
@@ -197,7 +197,7 @@ def test_frontier_table(collected):
     assert {(r["source"], r["cost_metric"]) for r in rows} == {
         ("measured", m) for m in ("weight_bytes", "prefill_ms", "decode_tok_s", "peak_mem_bytes", "state_bytes")
     } | {("modelled", m) for m in ("prefill_s", "decode_tok_s", "peak_mem_bytes", "state_bytes")}
-    txt = collect.frontier_table(out)
+    txt = terminal.frontier_table(out)
     assert "state_bytes" in txt and BASE["point_id"] in txt
 
 
@@ -224,7 +224,7 @@ def test_crossover_table(collected):
     assert {r["hardware"] for r in mod} == {"cpu"}
     assert {r["metric"] for r in mod} == {"prefill_s", "decode_s", "state_bytes", "peak_mem_bytes"}
     # modelled state bytes: softmax overtakes nothing; linear vs softmax crossover is below 128
-    txt = collect.crossover_table(out)
+    txt = terminal.crossover_table(out)
     assert "L*" in txt and "prefill_ms" in txt
 
 
@@ -268,19 +268,19 @@ def test_report_robust_without_recall_or_costs(tmp_path):
     broken.write_text("{not json")
     summary = collect.run("x", write(tmp_path, [m, FAIL]) + [broken], out, modelled_context_lens=[])
     assert summary["points"] == 2 and any("broken" in w for w in summary["warnings"])
-    pngs = {p.name for p in report.plot_all(out)}
+    pngs = {p.name for p in plots.plot_all(out)}
     # the Snakemake rule declares these four: always written (placeholders without data)
-    assert {f"{n}.png" for n in report.REQUIRED_PLOTS} == pngs
+    assert {f"{n}.png" for n in plots.REQUIRED_PLOTS} == pngs
     assert all((out / n).stat().st_size > 0 for n in pngs)
     assert (out / "report.html").exists() is False
-    assert report.write_html(out).exists()
+    assert html.write_html(out).exists()
     assert pq.read_table(out / "crossover.parquet").num_rows == 0
 
 
 def test_run_row_carries_hybrid_layer_choice_and_diagnostics():
     import json as _json
 
-    from frontier.collect import run_row
+    from frontier.results.runs import run_row
 
     diag = {"entropy": [0.6, 0.7], "sink_mass": [0.1, 0.05], "massive": [5.0, 9.0], "score": [0.3, 0.6],
             "keep_softmax": [1]}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from frontier import collect
+from frontier.results import collect, parquet_io, runs as results_runs
 
 QUANT = {"none": {"name": "none", "method": "none", "bits": 16, "group_size": None},
          "int8": {"name": "int8", "method": "rtn", "bits": 8, "group_size": None},
@@ -77,7 +77,7 @@ def test_gap_closed_fractions(tmp_path):
                 "tiny/none/sliding_window~window=128/none/default"):
         assert g[pid] is None, pid
     # it is not a quality metric: no frontier is built on it
-    meta = collect.read_metadata(tmp_path / "results" / "runs.parquet")
+    meta = parquet_io.read_metadata(tmp_path / "results" / "runs.parquet")
     assert "gap_closed" not in meta["quality_columns"] and "ppl" in meta["quality_columns"]
     fr = pq.read_table(tmp_path / "results" / "frontier.parquet").to_pylist()
     assert all(r["quality_metric"] != "gap_closed" for r in fr)
@@ -120,12 +120,12 @@ def test_gap_closed_function_directly():
         {"point_id": "m/q/lin/lolcats/e", "status": "ok", "ppl": 9.0},
         {"point_id": "odd-id", "status": "ok", "ppl": 9.0},
     ]
-    g = collect.gap_closed(runs)
+    g = results_runs.gap_closed(runs)
     assert g == {"m/q/softmax/none/e": None, "m/q/lin/none/e": None, "m/q/lin/lolcats/e": pytest.approx(0.5),
                  "odd-id": None}
     # a finetune option named otherwise but with method none (from the flattened config) is untuned
     runs[1] = {**runs[1], "point_id": "m/q/lin/plain/e", "cfg.finetune.method": "none"}
-    assert collect.gap_closed(runs)["m/q/lin/lolcats/e"] == pytest.approx(0.5)
+    assert results_runs.gap_closed(runs)["m/q/lin/lolcats/e"] == pytest.approx(0.5)
 
 
 def test_gap_closed_of_quant_post_points_uses_post_references():
@@ -137,5 +137,5 @@ def test_gap_closed_of_quant_post_points_uses_post_references():
         {"point_id": "m/none/lin/lolcats/q~when=post/e", "status": "ok", "ppl": 9.0},
         {"point_id": "m/q/lin/none/e", "status": "ok", "ppl": 10.0},  # pre: not a reference of post
     ]
-    assert collect.point_parts(runs[2]["point_id"]) == ("m", "q~when=post", "lin", "lolcats", "e")
-    assert collect.gap_closed(runs)["m/none/lin/lolcats/q~when=post/e"] == pytest.approx(0.75)
+    assert results_runs.point_parts(runs[2]["point_id"]) == ("m", "q~when=post", "lin", "lolcats", "e")
+    assert results_runs.gap_closed(runs)["m/none/lin/lolcats/q~when=post/e"] == pytest.approx(0.75)

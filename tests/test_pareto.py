@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from frontier.pareto import crossover, crossover_sampled, eval_curve, fit_cost_curve, pareto_front
+from frontier.results.crossover import crossover, crossover_sampled, eval_curve, fit_cost_curve
+from frontier.results.fronts import pareto_front
 
 
 def P(pid, cost, q, status="ok", reason=None):

@@ -6,7 +6,9 @@ import re
 import pyarrow.parquet as pq
 import pytest
 
-from frontier import cli, collect, report
+from frontier import cli
+from frontier.results import collect, html, parquet_io, plots, schema, wandb_report
+from frontier.results.labels import short_labels
 from test_collect import BASE, COMB, FAIL, LIN, QNT, write  # noqa: F401 - hand-made points
 
 TABLES = ("runs", "costs", "frontier", "crossover")
@@ -26,12 +28,12 @@ def out(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rendered(out):
-    return report.plot_all(out), report.write_html(out)
+    return plots.plot_all(out), html.write_html(out)
 
 
 def doc_tables() -> dict[str, dict[str, str]]:
     """The column tables of docs/results-schema.md: {table: {column: type}}."""
-    text = collect.SCHEMA_DOC.read_text()
+    text = schema.SCHEMA_DOC.read_text()
     out: dict[str, dict[str, str]] = {}
     for name, body in re.findall(r"^### `(\w+)\.parquet`\n(.*?)(?=^### |\Z)", text, re.M | re.S):
         cols = re.findall(r"^\| `([^`]+)` \| (\w+) \|", body, re.M)
@@ -52,20 +54,20 @@ def _pattern(col: str) -> str | None:
 
 
 def test_schema_doc_is_generated_from_schemas():
-    text = collect.SCHEMA_DOC.read_text()
-    begin, end = collect.SCHEMA_DOC_MARKERS
+    text = schema.SCHEMA_DOC.read_text()
+    begin, end = schema.SCHEMA_DOC_MARKERS
     generated = text.split(begin, 1)[1].split(end, 1)[0]
-    assert generated.strip() == collect.schema_markdown().strip(), (
+    assert generated.strip() == schema.schema_markdown().strip(), (
         "docs/results-schema.md is stale: run "
-        "`.venv/bin/python -c 'from frontier.collect import write_schema_doc; write_schema_doc()'`")
+        "`.venv/bin/python -c 'from frontier.results.schema import write_schema_doc; write_schema_doc()'`")
     docs = doc_tables()
     assert set(docs) == set(TABLES)
     for t in TABLES:
-        assert docs[t] == {c: typ for c, typ, _ in collect.SCHEMAS[t]}
+        assert docs[t] == {c: typ for c, typ, _ in schema.SCHEMAS[t]}
     # the fixed Arrow schemas are exactly the documented ones, in order
-    for t, schema in (("costs", collect.COSTS_SCHEMA), ("frontier", collect.FRONTIER_SCHEMA),
-                      ("crossover", collect.CROSSOVER_SCHEMA)):
-        assert [(f.name, str(f.type)) for f in schema] == [(c, typ) for c, typ, _ in collect.SCHEMAS[t]]
+    for t, arrow in (("costs", schema.COSTS_SCHEMA), ("frontier", schema.FRONTIER_SCHEMA),
+                     ("crossover", schema.CROSSOVER_SCHEMA)):
+        assert [(f.name, str(f.type)) for f in arrow] == [(c, typ) for c, typ, _ in schema.SCHEMAS[t]]
 
 
 def test_schema_round_trip(tmp_path):
@@ -73,16 +75,16 @@ def test_schema_round_trip(tmp_path):
     out = _collect(tmp_path)
     docs = doc_tables()
     for t in TABLES:
-        schema = pq.read_schema(out / f"{t}.parquet")
+        arrow = pq.read_schema(out / f"{t}.parquet")
         doc = docs[t]
         fixed = {c: typ for c, typ in doc.items() if "<" not in c}
-        written = {f.name: str(f.type) for f in schema}
+        written = {f.name: str(f.type) for f in arrow}
         if t != "runs":
             assert written == fixed
             continue
         assert set(fixed) <= set(written), set(fixed) - set(written)
         # every column the writer always emits is documented by name (not only by a pattern)
-        always = collect._STR_BASE + collect._INT_BASE + collect._FLOAT_BASE + collect._STR_TAIL
+        always = schema._STR_BASE + schema._INT_BASE + schema._FLOAT_BASE + schema._STR_TAIL
         assert set(always) == set(fixed) - {"ppl"}, set(always) ^ (set(fixed) - {"ppl"})
         for c, typ in written.items():
             if c in fixed:
@@ -90,16 +92,16 @@ def test_schema_round_trip(tmp_path):
             else:
                 pat = _pattern(c) or "<quality>"
                 assert pat in doc and typ == doc[pat], (c, typ)
-        md = collect.read_metadata(out / f"{t}.parquet")
-        assert set(collect.FILE_METADATA) <= set(md)
-        assert set(md) - set(collect.FILE_METADATA) <= set(collect.TABLE_METADATA.get(t, {}))
-        assert md["schema_version"] == collect.SCHEMA_VERSION
+        md = parquet_io.read_metadata(out / f"{t}.parquet")
+        assert set(schema.FILE_METADATA) <= set(md)
+        assert set(md) - set(schema.FILE_METADATA) <= set(schema.TABLE_METADATA.get(t, {}))
+        assert md["schema_version"] == schema.SCHEMA_VERSION
     for t in TABLES:
-        md = collect.read_metadata(out / f"{t}.parquet")
-        assert set(md) == set(collect.FILE_METADATA) | set(collect.TABLE_METADATA.get(t, {}))
+        md = parquet_io.read_metadata(out / f"{t}.parquet")
+        assert set(md) == set(schema.FILE_METADATA) | set(schema.TABLE_METADATA.get(t, {}))
     # costs only use documented metric names
     metrics = {r["metric"] for r in pq.read_table(out / "costs.parquet").to_pylist()}
-    assert metrics <= set(collect.COST_METRICS)
+    assert metrics <= set(schema.COST_METRICS)
     # re-collecting with nothing new is a fixed point: the tables read back and are rewritten unchanged
     before = {t: pq.read_table(out / f"{t}.parquet") for t in TABLES}
     collect.run("demo", [], out, modelled_context_lens=[1024, 131072])
@@ -110,7 +112,7 @@ def test_schema_round_trip(tmp_path):
 def test_plots_render(out, rendered):
     pngs, html_path = rendered
     names = {p.name for p in pngs}
-    assert {f"{n}.png" for n in report.REQUIRED_PLOTS} | {"cost_vs_L_modelled.png", "frontier_prefill_ms.png",
+    assert {f"{n}.png" for n in plots.REQUIRED_PLOTS} | {"cost_vs_L_modelled.png", "frontier_prefill_ms.png",
                                                           "frontier_decode_tok_s.png",
                                                           "frontier_peak_mem_bytes.png"} <= names
     for p in pngs:
@@ -125,12 +127,12 @@ def test_plots_render(out, rendered):
 
 def test_short_labels():
     ids = ["m/int8/linear_elu/lolcats/default", "m/none/softmax/none/default"]
-    assert report.short_labels(ids) == {ids[0]: "int8/linear_elu/lolcats", ids[1]: "none/softmax/none"}
+    assert short_labels(ids) == {ids[0]: "int8/linear_elu/lolcats", ids[1]: "none/softmax/none"}
     two_models = ids + ["n/int8/linear_elu/lolcats/default"]
-    assert report.short_labels(two_models)[two_models[2]] == "n/int8/linear_elu/lolcats"
-    assert report.short_labels(["odd"]) == {"odd": "odd"}
+    assert short_labels(two_models)[two_models[2]] == "n/int8/linear_elu/lolcats"
+    assert short_labels(["odd"]) == {"odd": "odd"}
     post = "m/none/linear_elu/lolcats/int8~when=post/default"
-    assert report.short_labels(ids + [post])[post] == "int8~when=post/linear_elu/lolcats"
+    assert short_labels(ids + [post])[post] == "int8~when=post/linear_elu/lolcats"
 
 
 def test_show_prints_frontier_and_crossover_answer(out, capsys):
@@ -158,8 +160,8 @@ def test_show_without_results(tmp_path, capsys):
 
 def test_wandb_report_spec_offline(out, monkeypatch, capsys):
     # the plots are test_plots_render's business: only the W&B part runs here
-    monkeypatch.setattr(report, "plot_all", lambda out_dir: [])
-    monkeypatch.setattr(report, "write_html", lambda out_dir: out_dir / "report.html")
+    monkeypatch.setattr(plots, "plot_all", lambda out_dir: [])
+    monkeypatch.setattr(html, "write_html", lambda out_dir: out_dir / "report.html")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_ENTITY", raising=False)
@@ -167,7 +169,7 @@ def test_wandb_report_spec_offline(out, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "wandb sync" in printed and "upload_wandb_report" in printed
     spec = json.loads((out / "wandb_report.json").read_text())
-    assert spec["format"] == report.WANDB_REPORT_FORMAT and spec["sweep"] == "demo"
+    assert spec["format"] == wandb_report.WANDB_REPORT_FORMAT and spec["sweep"] == "demo"
     panels = spec["panels"]
     scatter = {(p["x"], p["y"]) for p in panels if p["type"] == "ScatterPlot"}
     assert {("weight_bytes", "ppl"), ("state_bytes@512", "ppl"), ("prefill_ms@512", "ppl"),
@@ -179,7 +181,7 @@ def test_wandb_report_spec_offline(out, monkeypatch, capsys):
         assert all("Metric(\"Group\") == 'demo'" in f for f in p["runset"])
     assert any("'collect'" in f for p in panels for f in p["runset"])
     # the spec re-creates the Report object (to save later, online)
-    rep = report.load_wandb_report(out / "wandb_report.json", entity="someone")
+    rep = wandb_report.load_wandb_report(out / "wandb_report.json", entity="someone")
     assert type(rep).__name__ == "Report" and rep.entity == "someone" and rep.title == "frontier: demo"
     grids = [b for b in rep.blocks if type(b).__name__ == "PanelGrid"]
     assert all(rs.entity == "someone" for g in grids for rs in g.runsets)

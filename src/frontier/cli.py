@@ -93,27 +93,28 @@ def _show(args) -> int:
     if not (out / "runs.parquet").exists():
         print(f"no results in {out} (run the sweep first)", file=sys.stderr)
         return 2
-    from . import report
+    from .results import terminal
 
-    print(report.show_text(out))
+    print(terminal.show_text(out))
     return 0
 
 
 def _report(args) -> int:
     import os
 
-    from . import report
+    from .results import html as html_report
+    from .results import plots, wandb_report
 
     out = Path(args.results)
     if not (out / "runs.parquet").exists():
         print(f"no results in {out} (run the sweep first)", file=sys.stderr)
         return 2
-    paths = report.plot_all(out)
-    html = report.write_html(out)
-    print("\n".join(str(p) for p in [*paths, html]))
+    paths = plots.plot_all(out)
+    page = html_report.write_html(out)
+    print("\n".join(str(p) for p in [*paths, page]))
     if args.wandb:
         # online (WANDB_MODE=online + API key): saved to the server; else the spec + how to upload
-        res = report.wandb_report(out)
+        res = wandb_report.wandb_report(out)
         print(res["path"])
         print(res["message"])
         if not res["saved"] and os.environ.get("WANDB_MODE") == "online":
