@@ -269,3 +269,41 @@ def test_cost_cli_takes_kv_overrides(capsys):
     assert out["quant.kv_bits=2"]["decode"]["bytes"] < out[""]["decode"]["bytes"]
     assert cli.main(["cost", "model=llama3_8b", "hardware=h100", "quant.kv_bits=3"]) == 2
     assert "allowed values: 16, 8, 4, 2" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ results: the kv_quant family
+def test_kv_quant_family_and_its_crossover_with_linear_attention():
+    from frontier.results.crossover import compute_crossover
+    from frontier.results.families import QUESTION_PAIRS, family_of
+    from frontier.results.runs import modelled_cost_rows
+
+    soft, lin = {"kind": "softmax"}, {"kind": "linear", "feature_map": "elu", "keep_softmax": None}
+    hyb = {**lin, "keep_softmax": [0]}
+    none, int8 = {"method": "none", "bits": 16}, {"method": "rtn", "bits": 8, "group_size": None}
+    fam = lambda q, a: family_of({}, {"quant": q, "attention": a})  # noqa: E731
+    assert fam({**none, "kv_bits": 16}, soft) == "baseline"
+    assert fam({**none, "kv_bits": 2}, soft) == fam({**none, "kv_bits": 8}, soft) == "kv_quant"
+    assert fam({**none, "kv_bits": 2}, lin) == "attention"  # no softmax layer left: no KV cache to quantize
+    assert fam({**none, "kv_bits": 2}, hyb) == fam({**int8, "kv_bits": 4}, soft) == "combined"
+    assert fam({**int8, "kv_bits": 16}, soft) == "quantization"
+    assert ("attention", "kv_quant") in QUESTION_PAIRS
+    # modelled costs follow quant.kv_bits: the 2-bit cache's state grows ~5x slower than fp16's
+    model = {"layers": 2, "hidden": 128, "heads": 2, "kv_heads": 2, "head_dim": 64, "intermediate": 256,
+             "vocab": 128, "dtype": "bfloat16"}
+    rows = lambda q, a: {(r["metric"], r["context_len"]): r["value"] for r in modelled_cost_rows(  # noqa: E731
+        "p", {"model": model, "quant": q, "attention": a, "eval": {"cost": {"batch": 1}}}, ["h100"], [1024, 131072])}
+    kv2, fp = rows({**none, "kv_bits": 2}, soft), rows({**none, "kv_bits": 16}, soft)
+    assert 5.0 < fp[("state_bytes", 131072)] / kv2[("state_bytes", 131072)] < 5.4
+    # L*: a linear point (fixed state) overtakes the 2-bit softmax cache where its state line crosses
+    runs = [{"point_id": "kv2", "status": "ok", "family": "kv_quant", "ppl": 10.0},
+            {"point_id": "lin", "status": "ok", "family": "attention", "ppl": 10.5}]
+    lin_state = 100_000.0
+    costs = [{"point_id": "kv2", "context_len": L, "metric": "state_bytes", "value": 50.0 * L, "source": "modelled",
+              "hardware": "h100"} for L in (1024, 2048, 4096)] + [
+             {"point_id": "lin", "context_len": L, "metric": "state_bytes", "value": lin_state, "source": "modelled",
+              "hardware": "h100"} for L in (1024, 2048, 4096)]
+    fam_rows = [r for r in compute_crossover(runs, costs) if r["level"] == "family"]
+    assert len(fam_rows) == 1
+    r = fam_rows[0]
+    assert (r["family_a"], r["family_b"]) == ("attention", "kv_quant") and r["matched"]
+    assert r["l_star"] == pytest.approx(2000.0, rel=1e-6)  # 50 * L = 100,000
