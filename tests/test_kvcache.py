@@ -307,3 +307,52 @@ def test_kv_quant_family_and_its_crossover_with_linear_attention():
     r = fam_rows[0]
     assert (r["family_a"], r["family_b"]) == ("attention", "kv_quant") and r["matched"]
     assert r["l_star"] == pytest.approx(2000.0, rel=1e-6)  # 50 * L = 100,000
+
+
+# ------------------------------------------------------------------ recall through the cache
+def test_streamed_recall_equals_plain_generate_when_nothing_is_quantized():
+    """With a residual window longer than every prompt the KIVI cache quantizes nothing, so the
+    streamed prefill (left-padded batch, chunks of 8, generate's position ids) must reproduce
+    plain generate and the one-forward MQAR scoring exactly; a 2-bit cache with a short window
+    goes through the same code and still answers."""
+    import random
+    from pathlib import Path
+
+    from test_evaluate import tiny_llama
+
+    from frontier import data
+    from frontier.evaluate import mqar, recall
+
+    rng = random.Random(0)
+    texts = [data.kv_training_text(rng, 12, 4) for _ in range(60)] + [Path(random.__file__).read_text()]
+    tk = data.train_tokenizer(texts, 320)
+    model = tiny_llama(tk)
+    items = recall.build_prompts(tk, "kv", 64, 2, 1234) + recall.build_prompts(tk, "kv", 96, 2, 1234)  # padded
+    prompts, answers = [x["prompt"] for x in items], [x["answer"] for x in items]
+    model.frontier_kv = None
+    plain = recall.generate_continuations(model, tk, prompts, answers, batch_size=4)
+    model.frontier_kv = {"bits": 2, "group": 4, "residual": 512}
+    streamed = recall.generate_continuations(model, tk, prompts, answers, batch_size=4, kv_chunk=8)
+    assert streamed == plain
+    mitems = recall.build_prompts(tk, "mqar", 128, 3, 1234, options=recall.task_options({"mqar": {"pairs": 4}}))
+    model.frontier_kv = None
+    hits = mqar.teacher_forced_hits(model, tk, mitems)
+    model.frontier_kv = {"bits": 2, "group": 4, "residual": 512}
+    assert mqar.teacher_forced_hits(model, tk, mitems, kv_chunk=8) == hits
+    model.frontier_kv = {"bits": 2, "group": 4, "residual": 8}
+    assert len(recall.generate_continuations(model, tk, prompts, answers, batch_size=4, kv_chunk=8)) == 4
+
+
+def test_chunked_forward_of_a_left_padded_batch_equals_one_forward():
+    from transformers import DynamicCache
+
+    model = tiny_model()
+    ids = rand_ids(2, 40)
+    mask = torch.ones_like(ids)
+    mask[0, :13] = 0  # left padding of row 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        ref = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        got = torch.cat([lg for _, _, lg in kvcache.chunked_forward(model, ids, DynamicCache(), 7,
+                                                                     attention_mask=mask)], dim=1)
+    assert torch.allclose(got[mask.bool()], ref[mask.bool()], atol=1e-4)
