@@ -176,7 +176,7 @@ def test_int3_is_one_override_away():
     ("hqq4_g64", {"group_size": None}, "quant.group_size", "needs a group size"),
     ("w8a8", {"group_size": 64}, "quant.group_size", "one scale per output row"),
     ("nf4", {"bits": 3}, "quant.bits", "4-bit"),
-    ("none", {"kv_bits": 4}, "quant.kv_bits", "allowed values: 16, 8"),
+    ("none", {"kv_bits": 3}, "quant.kv_bits", "allowed values: 16, 8, 4, 2"),
 ])
 def test_bad_quant_configs_fail_at_plan_time(quant, over, key, needle):
     with pytest.raises(C.ConfigError) as e:
@@ -231,7 +231,7 @@ def test_manifest_states_method_storage_and_effective_bits(stage_ckpts):
     for name, d in stage_ckpts.items():
         m = ck.read_manifest(d)
         qm = m["quant"]
-        for key in ("method", "bits", "group_size", "symmetric", "format", "storage", "kernel", "kv_bits",
+        for key in ("method", "bits", "group_size", "symmetric", "format", "storage", "kernel",
                     "effective_bits_per_weight", "linear_bytes", "library"):
             assert key in qm, (name, key)
         assert qm["format"].startswith("safetensors"), (name, qm["format"])

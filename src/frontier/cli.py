@@ -3,6 +3,7 @@
     frontier plan sweep=demo quant=int8          # validate + list points and unique jobs
     frontier run sweep=ci --cores 2              # the Snakemake DAG (extra args after --)
     frontier cost model=llama3_8b hardware=h100 context_len=32768 batch=1 attention=linear_elu
+    frontier cost model=llama3_8b hardware=h100 context_len=131072 quant.kv_bits=2   # KIVI 2-bit cache
     frontier show results/demo                   # frontier and crossover tables
     frontier report results/demo                 # plots + report.html
 """
@@ -54,23 +55,35 @@ def _run(args) -> int:
 def _cost(args) -> int:
     from . import costmodel
 
+    from . import grid
+
+    for o in args.overrides:
+        if "=" not in o:
+            raise C.ConfigError(o, "arguments look like key=value (e.g. model=tiny or quant.kv_bits=2)")
     kv = dict(o.split("=", 1) for o in args.overrides)
-    allowed = {"model", "hardware", "context_len", "batch", "quant", "attention", "kv_bits"}
+    if "kv_bits" in kv:  # shorthand for quant.kv_bits
+        kv.setdefault("quant.kv_bits", kv.pop("kv_bits"))
+    groups = ("model", "hardware", "quant", "attention")
+    allowed = {*groups, "context_len", "batch", "kv_bits"}
     for k in kv:
-        if k not in allowed:
-            raise C.ConfigError(k, f"unknown argument; allowed: {', '.join(sorted(allowed))}")
-    choices = tuple((g, kv[g]) for g in ("model", "hardware", "quant", "attention") if g in kv)
+        if k not in allowed and k.split(".", 1)[0] not in groups:
+            raise C.ConfigError(k, f"unknown argument; allowed: {', '.join(sorted(allowed))} and "
+                                f"<group>.<key>=<value> for the groups {', '.join(groups)}")
+    choices = tuple((g, kv[g]) for g in groups if g in kv)
     cfg = C.compose(choices)
-    for g in ("model", "quant", "attention", "hardware"):
+    for k, v in kv.items():
+        if "." in k:
+            grid._set_dotted(cfg, k, grid._typed(v))  # unknown keys fail naming the allowed ones
+    for g in groups:
         C.validate_section(cfg[g], C.schema_for(g, cfg[g]), g)
+    C._validate_kv(cfg["quant"], cfg["model"])
     try:
         L, B = int(kv.get("context_len", 4096)), int(kv.get("batch", 1))
-        kv_bits = int(kv["kv_bits"]) if "kv_bits" in kv else None
     except ValueError as e:
-        raise C.ConfigError("context_len", f"context_len, batch and kv_bits are integers ({e})") from e
+        raise C.ConfigError("context_len", f"context_len and batch are integers ({e})") from e
     if L < 1 or B < 1:
         raise C.ConfigError("context_len", "context_len and batch must be >= 1")
-    est = costmodel.estimate(cfg["model"], cfg["quant"], cfg["attention"], cfg["hardware"], L, B, kv_bits=kv_bits)
+    est = costmodel.estimate(cfg["model"], cfg["quant"], cfg["attention"], cfg["hardware"], L, B)
     print(json.dumps(est, indent=2))
     return 0
 
@@ -125,7 +138,8 @@ def main(argv=None) -> int:
     p.add_argument("snakemake_args", nargs=argparse.REMAINDER, default=[])
     p.set_defaults(fn=_run)
     p = sub.add_parser("cost", help="roofline cost of one configuration (JSON)")
-    p.add_argument("overrides", nargs="*", help="model= hardware= context_len= batch= [quant=] [attention=] [kv_bits=]")
+    p.add_argument("overrides", nargs="*", help="model= hardware= context_len= batch= [quant=] [attention=] "
+                   "[quant.kv_bits=16|8|4|2 (or kv_bits=)] [<group>.<key>=<value>]")
     p.set_defaults(fn=_cost)
     p = sub.add_parser("show", help="print the frontier and crossover tables of a sweep")
     p.add_argument("results", help="results/<sweep>")

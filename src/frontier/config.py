@@ -25,6 +25,14 @@ STAGE_OF_KEY = {
     "model": "model", "data": "model",
     "quant": "quant", "attention": "attention", "finetune": "finetune", "eval": "eval",
 }
+# quant keys that only the evaluate stage reads (the KV cache): an override of one goes into the
+# eval path component, so points that differ only there share their quantize/surgery/finetune jobs.
+EVAL_ONLY_KEYS = ("quant.kv_bits", "quant.kv_group", "quant.kv_residual")
+
+
+def stage_of_key(key: str) -> Optional[str]:
+    """The stage whose path component a dotted override key belongs to."""
+    return "eval" if key in EVAL_ONLY_KEYS else STAGE_OF_KEY.get(key.split(".", 1)[0])
 
 
 class ConfigError(ValueError):
@@ -98,7 +106,12 @@ class QuantCfg:
     bits: int = _f(choices=(2, 3, 4, 5, 6, 7, 8, 16))
     group_size: Optional[int] = _f(None, ge=8, doc="input columns per scale; null = one scale per output row")
     symmetric: bool = _f(False, doc="symmetric codes (no zero point); rtn and gptq/awq only")
-    kv_bits: int = _f(16, choices=(16, 8), doc="KV-cache bits of softmax attention at evaluation (8 = int8 cache)")
+    kv_bits: int = _f(16, choices=(16, 8, 4, 2), doc="KV-cache bits of softmax attention at evaluation: 16 = the "
+                      "model dtype, 8 = int8 per token, 4/2 = KIVI (frontier.kivi)")
+    kv_group: int = _f(32, ge=1, doc="kv_bits 4/2: tokens per key scale (per channel), channels per value scale "
+                       "(per token); must divide model.head_dim")
+    kv_residual: int = _f(128, ge=0, doc="kv_bits 4/2: most recent tokens kept in full precision (a multiple of "
+                          "kv_group; keys are quantized kv_residual tokens at a time)")
     calib_samples: int = _f(32, ge=1, doc="gptq/awq: calibration windows from the sweep's training split")
     calib_seq_len: int = _f(256, ge=8, doc="gptq/awq: tokens per calibration window")
     damp: float = _f(0.01, gt=0, doc="gptq: Hessian damping (fraction of its mean diagonal)")
@@ -321,6 +334,8 @@ class EvalCfg:
     recall: RecallCfg = _f()
     cost: CostCfg = _f()
     harness: HarnessCfg = _f({})
+    kv_chunk: int = _f(32, ge=1, doc="quant.kv_bits < 16: perplexity, MQAR and recall prompts stream through the "
+                       "quantized cache in chunks of this many tokens (each attends to the cache the earlier ones wrote)")
     quality_weights: str = _f("auto", choices=("auto", "kernel", "dequantized"),
                               doc="weights the quality metrics (ppl, recall, harness) run on for a weight-only "
                                   "quantized model: kernel = the low-bit kernels; dequantized = cached dequantized "
@@ -558,6 +573,7 @@ def validate_point(cfg: dict, *, cuda_available: Optional[bool] = None) -> None:
             raise ConfigError("quant.method", f"quant option {q['name']!r} (method {q['method']}) cannot run on this "
                                               f"machine: {CUDA_ONLY_QUANT[q['method']]}; no CUDA device is available. "
                                               f"Run the sweep where CUDA is, or drop it from the grid")
+    _validate_kv(q, m)
     longest = max([*ev["recall"]["context_lens"], *ev["cost"]["context_lens"], ev["ppl"]["seq_len"]])
     if longest > m["max_position"]:
         raise ConfigError("eval", f"context length {longest} exceeds model.max_position={m['max_position']}")
@@ -600,6 +616,21 @@ def validate_point(cfg: dict, *, cuda_available: Optional[bool] = None) -> None:
                               "to 1, 2 or 3, or offload_optimizer: false")
         if ft["zero_stage"] == 3 and quantized_base:
             raise ConfigError("finetune.zero_stage", "ZeRO-3 partitions the frozen quantized base, which torchao tensors do not support; use 0, 1 or 2")
+
+
+def _validate_kv(q: dict, m: dict) -> None:
+    """KIVI (quant.kv_bits 4/2): groups that tile the head and the residual window."""
+    bits = q.get("kv_bits", 16)
+    if bits not in (4, 2):
+        return
+    g, r, per = q.get("kv_group", 32), q.get("kv_residual", 128), 8 // bits
+    if m["head_dim"] % g:
+        raise ConfigError("quant.kv_group", f"{g} must divide model.head_dim={m['head_dim']} (KIVI groups values "
+                          f"along channels); allowed values: {', '.join(str(x) for x in range(per, m['head_dim'] + 1, per) if m['head_dim'] % x == 0)}")
+    if g % per:
+        raise ConfigError("quant.kv_group", f"{g} must be a multiple of {per} ({per} {bits}-bit codes per byte)")
+    if r % g:
+        raise ConfigError("quant.kv_residual", f"{r} must be a multiple of quant.kv_group={g} (0, {g}, {2 * g}, ...)")
 
 
 def attention_has_params(a: dict) -> bool:

@@ -32,7 +32,14 @@ weights):
   ``2·head_dim·F·(heads + kv_heads)``. State bytes ``kv_heads·(F·Dv + F)·4`` (fp32),
   independent of L. Prefill = L × the per-token cost (recurrent accounting). A learned
   feature map (``learned_map: true``) is counted as that projection too.
-* KV bits default to the model dtype's bits (``kv_bits=None``).
+* KV bits default to the model dtype's bits (``kv_bits=None``; otherwise ``quant_cfg["kv_bits"]``
+  when it is below 16). A quantized cache is kept by the softmax layers only (the swapped layers
+  keep their own state in the model dtype), per layer and KV head (:func:`kv_layer_bytes`):
+  ``kv_bits=8`` int8 codes + one fp32 scale per token for keys and for values; ``kv_bits`` 4/2
+  KIVI with ``kv_group`` G and ``kv_residual`` R (``quant_cfg``, default 32 / 128): keys
+  ``nk = B·floor(L/B)`` tokens packed (B = R, or G when R = 0) + an fp16 scale and zero per
+  channel per G tokens, ``L - nk`` keys in the model dtype; values ``nv = max(L - R, 0)`` packed
+  + an fp16 scale and zero per token per G channels, ``min(L, R)`` in the model dtype.
 * Feature dims per map: elu/relu F = head_dim; hedgehog 2·feature_dim (null → head_dim);
   taylor ``1 + d' + d'(d'+1)/2`` with d' = feature_dim (16); performer feature_dim (64);
   cosformer 2·head_dim.
@@ -249,21 +256,53 @@ def layer_kinds(model_cfg: dict, attention_cfg: dict | None) -> list[str]:
     return ["softmax" if i in keep else kind for i in range(n)]
 
 
-def _layer_attention(kind: str, d: dict, attention_cfg: dict | None, L: int, kv_bits: int) -> dict:
+KIVI_SCALE_BYTES = 2  # fp16 scale and fp16 zero point per group (frontier.kivi.SCALE_DTYPE)
+
+
+def kv_spec(quant_cfg: dict | None, kv_bits: int | None, model_cfg: dict | None) -> dict:
+    """{"bits", "group", "residual", "dtype_bits"} of the KV cache: ``kv_bits`` when given, else
+    ``quant_cfg["kv_bits"]`` below 16, else the model dtype's bits."""
+    q = quant_cfg or {}
+    dt = dtype_bits(model_cfg)
+    if kv_bits is None:
+        qb = int(q.get("kv_bits") or 16)
+        kv_bits = qb if qb < 16 else dt
+    return {"bits": int(kv_bits), "group": int(q.get("kv_group") or 32),
+            "residual": 128 if q.get("kv_residual") is None else int(q["kv_residual"]), "dtype_bits": dt}
+
+
+def kv_layer_bytes(L: int, kv_heads: int, head_dim: int, kv: dict) -> float:
+    """Bytes of one softmax layer's KV cache holding ``L`` tokens (one batch row); see the module
+    docstring. ``kv`` from :func:`kv_spec`."""
+    bits, n = kv["bits"], kv_heads * head_dim
+    if bits == 8:
+        return 2.0 * kv_heads * L * (head_dim + 4)
+    if bits in (4, 2):
+        g, r, db = kv["group"], kv["residual"], kv["dtype_bits"] / 8.0
+        block = r or g
+        nk, nv = (L // block) * block, max(L - r, 0)
+        keys = nk * n * bits / 8.0 + (nk // g) * n * 2 * KIVI_SCALE_BYTES + (L - nk) * n * db
+        values = nv * n * bits / 8.0 + nv * (n // g) * 2 * KIVI_SCALE_BYTES + (L - nv) * n * db
+        return keys + values
+    return 2.0 * n * L * bits / 8.0
+
+
+def _layer_attention(kind: str, d: dict, attention_cfg: dict | None, L: int, kv: dict) -> dict:
     """Per-layer, per-batch-row attention cost: decode/prefill FLOPs and state bytes at L."""
     heads, kvh, hd = d["heads"], d["kv_heads"], d["head_dim"]
+    own = {**kv, "bits": kv["dtype_bits"]}  # swapped layers keep their own state in the model dtype
     dec = pre = state = 0.0
     if kind in ("softmax", "sliding_window", "block_sparse", "linear_sliding"):
         window = None if kind == "softmax" else _window(attention_cfg or {})
         leff = L if window is None else min(L, window)
         dec += 4.0 * heads * hd * leff  # scores + values
         pre += 4.0 * heads * hd * _causal_sum(L, window)
-        state += 2.0 * kvh * hd * leff * kv_bits / 8.0
+        state += kv_layer_bytes(leff, kvh, hd, kv if kind == "softmax" else own)
     if kind == "topk":
         k = int((attention_cfg or {}).get("k", 32))
         dec += 2.0 * heads * hd * (L + min(L, k))  # every score, k values
         pre += 2.0 * heads * hd * (_causal_sum(L, None) + _causal_sum(L, k))
-        state += 2.0 * kvh * hd * L * kv_bits / 8.0
+        state += kv_layer_bytes(L, kvh, hd, own)
     if kind in ("linear", "linear_sliding"):
         f = feature_dim(attention_cfg or {}, hd)
         dv = hd
@@ -277,12 +316,12 @@ def _layer_attention(kind: str, d: dict, attention_cfg: dict | None, L: int, kv_
 
 
 def state_bytes(model_cfg: dict, attention_cfg: dict | None, context_len: int, batch: int = 1,
-                kv_bits: int | None = None) -> float:
+                kv_bits: int | None = None, quant_cfg: dict | None = None) -> float:
     """KV-cache / recurrent-state bytes held at context ``context_len``."""
     d = _dims(model_cfg)
-    kv_bits = d["bits"] if kv_bits is None else kv_bits
+    kv = kv_spec(quant_cfg, kv_bits, model_cfg)
     return batch * sum(
-        _layer_attention(k, d, attention_cfg, int(context_len), kv_bits)["state_bytes"]
+        _layer_attention(k, d, attention_cfg, int(context_len), kv)["state_bytes"]
         for k in layer_kinds(model_cfg, attention_cfg)
     )
 
@@ -308,7 +347,7 @@ def estimate(model_cfg: dict, quant_cfg: dict | None, attention_cfg: dict | None
         raise ValueError(f"costmodel: context_len must be >= 1, got {context_len}")
     hw = resolve_hardware(hardware_cfg)
     d = _dims(model_cfg)
-    kv_bits = d["bits"] if kv_bits is None else kv_bits
+    kv = kv_spec(quant_cfg, kv_bits, model_cfg)
     wb = weight_bytes(model_cfg, quant_cfg)
 
     if prefill_logits not in ("last", "all"):
@@ -320,7 +359,7 @@ def estimate(model_cfg: dict, quant_cfg: dict | None, attention_cfg: dict | None
 
     att_dec = att_pre = st = 0.0
     for kind in layer_kinds(model_cfg, attention_cfg):
-        a = _layer_attention(kind, d, attention_cfg, L, kv_bits)
+        a = _layer_attention(kind, d, attention_cfg, L, kv)
         att_dec += a["decode_flops"]
         att_pre += a["prefill_flops"]
         st += a["state_bytes"]

@@ -19,6 +19,11 @@ quantize → evaluate. Such a point's path keeps the five components with the qu
 of the `quant=none` points and shared with them) and adds the post-quantize component after
 the finetune one: `work/<model>/none/<attention>/<finetune>/<quant>~when=post/<eval>/`.
 `quant.when` itself is never part of a slug otherwise (`when=pre` is the default layout).
+
+The KV-cache keys `quant.kv_bits`, `quant.kv_group` and `quant.kv_residual` are read only by
+the evaluate stage: their overrides go into the eval component
+(`work/tiny/none/softmax/none/default~kv_bits=2/`), and the quantize stage's config leaves
+them out, so points that differ only in their KV cache share every job before evaluate.
 """
 from __future__ import annotations
 
@@ -348,7 +353,7 @@ def plan(cli_overrides: Iterable[str] = (), *, cuda_available: Optional[bool] = 
         for s in (POST_STAGES if post else STAGES):
             group = "quant" if s == "post_quant" else s
             own = {k: v for k, v in overrides.items()
-                   if C.STAGE_OF_KEY.get(k.split(".", 1)[0]) == group and k != "quant.when"}
+                   if C.stage_of_key(k) == group and k != "quant.when"}
             if s == "quant" and post:     # surgery and fine-tuning run unquantized: the quant=none dirs
                 comps.append("none")
             elif s == "post_quant":
@@ -395,9 +400,10 @@ def stage_config(point: Point, stage: str) -> dict:
     if stage == "model":
         return {"model": cfg["model"], "data": cfg["data"]}
     if stage in ("quant", "post_quant"):  # calibrated methods draw their samples from the sweep's data
-        if cfg["quant"]["method"] in ("gptq", "awq"):
-            return {"quant": cfg["quant"], "data": cfg["data"]}
-        return {"quant": cfg["quant"]}
+        q = {k: v for k, v in cfg["quant"].items() if f"quant.{k}" not in C.EVAL_ONLY_KEYS}  # the KV cache: evaluate's
+        if q["method"] in ("gptq", "awq"):
+            return {"quant": q, "data": cfg["data"]}
+        return {"quant": q}
     if stage == "attention":  # keep_softmax: auto chooses layers on calibration text from the sweep's data
         if cfg["attention"].get("keep_softmax") == "auto":
             return {"attention": cfg["attention"], "data": cfg["data"]}

@@ -1,4 +1,10 @@
-"""KV-cache quantization for softmax attention (`quant.kv_bits`): an int8 transformers cache layer.
+"""KV-cache quantization for softmax attention (`quant.kv_bits`: 16 | 8 | 4 | 2).
+
+* 16: the model's own cache (transformers `DynamicCache`, the model dtype).
+* 8: `Int8KVLayer` below (per token and head, symmetric absmax, no residual).
+* 4 and 2: `frontier.kivi.KiviLayer`, the KIVI recipe (keys per channel in groups of
+  `quant.kv_group` tokens, values per token in groups of `kv_group` channels, the
+  `quant.kv_residual` most recent tokens in full precision; real packed codes).
 
 `Int8KVLayer` is a `transformers.cache_utils.CacheLayerMixin` (a `DynamicLayer` subclass)
 that stores keys and values as int8 with one float32 scale per (batch, head, token) —
@@ -7,23 +13,31 @@ read (each `update` returns dequantized keys/values, as transformers' own quanti
 layers do). Bytes held per token and head: head_dim + 4, against 2·head_dim (fp16/bf16) or
 4·head_dim (fp32): about half, or a quarter.
 
-Use it through `make_cache`:
+Use them through `make_cache`:
 
-    cache = kvcache.make_cache(model, kv_bits)      # None when kv_bits == 16
+    cache = kvcache.make_cache(model, kv_bits, group=32, residual=128)   # None when kv_bits == 16
     out = model(input_ids=ids, cache=cache, use_cache=True)
     model.generate(ids, past_key_values=cache, ...)  # or cache=cache
 
 Layers that attention surgery replaced (sliding window, linear) swap their own state layer
-in on first use, as they do with a plain `DynamicCache`; only softmax layers keep int8 KV.
+in on first use, as they do with a plain `DynamicCache`; only softmax layers keep quantized KV.
+
+Quality under a quantized cache (`chunked_forward`): a forward over L tokens attends in full
+precision to the tokens it brings (as KIVI's prefill does), so the evaluation streams its inputs
+through the cache in chunks of `eval.kv_chunk` tokens: each chunk attends to the quantized cache
+written by the earlier chunks (plus the residual window and its own tokens). Perplexity, MQAR and
+the prompts of the generated recall tasks go through it when `quant.kv_bits < 16`.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-KV_BITS = (16, 8)
+KV_BITS = (16, 8, 4, 2)
+KV_KEYS = ("kv_bits", "kv_group", "kv_residual")  # quant.* keys read at evaluation only
 
 
 def quantize_int8(x: torch.Tensor):
@@ -133,18 +147,68 @@ class Int8KVCache(DynamicCache):
             self.layers = [Int8KVLayer() if type(layer) is DynamicLayer else layer for layer in self.layers]
 
 
-def make_cache(model, kv_bits: int):
+class KiviCache(DynamicCache):
+    """A `DynamicCache` whose full-attention layers are `frontier.kivi.KiviLayer`s."""
+
+    def __init__(self, config=None, *, bits: int = 2, group: int = 32, residual: int = 128, **kwargs):
+        from frontier.kivi import KiviLayer
+
+        super().__init__(config=config, **kwargs)
+        make = functools.partial(KiviLayer, bits=bits, group=group, residual=residual)
+        if config is None:
+            self.layer_class_to_replicate = make
+        else:
+            self.layers = [make() if type(layer) is DynamicLayer else layer for layer in self.layers]
+
+
+def kv_spec(quant_cfg: Optional[dict]) -> dict:
+    """{"bits", "group", "residual"} of a quant config (defaults: 16, 32, 128)."""
+    q = quant_cfg or {}
+    return {"bits": int(q.get("kv_bits", 16)), "group": int(q.get("kv_group", 32)),
+            "residual": int(q.get("kv_residual", 128))}
+
+
+def make_cache(model, kv_bits: int, group: int = 32, residual: int = 128):
     """The cache for evaluating `model` at `kv_bits`: None (the model's default DynamicCache) for
-    16, an `Int8KVCache` for 8. Pass it as `cache=` to forward, or to `generate`."""
+    16, an `Int8KVCache` for 8, a `KiviCache` for 4 and 2. Pass it as `cache=` to forward, or to
+    `generate`."""
+    config = getattr(model, "config", None)
     if kv_bits == 16:
         return None
     if kv_bits == 8:
-        return Int8KVCache(config=getattr(model, "config", None))
+        return Int8KVCache(config=config)
+    if kv_bits in (4, 2):
+        return KiviCache(config=config, bits=kv_bits, group=group, residual=residual)
     raise ValueError(f"kv_bits must be one of {KV_BITS}, got {kv_bits!r}")
 
 
+def model_cache(model):
+    """`make_cache` for the spec evaluate attached to the model (`model.frontier_kv`), or None."""
+    spec = getattr(model, "frontier_kv", None) or {}
+    return make_cache(model, int(spec.get("bits", 16)), int(spec.get("group", 32)), int(spec.get("residual", 128)))
+
+
+def streams(model) -> bool:
+    """Whether quality metrics of `model` must stream through a quantized cache (kv_bits < 16)."""
+    return int((getattr(model, "frontier_kv", None) or {}).get("bits", 16)) < 16
+
+
+def chunked_forward(model, input_ids, cache, chunk: int, attention_mask=None, upto: Optional[int] = None):
+    """Stream `input_ids` [B, T] (or its first `upto` tokens) through `model` in chunks of `chunk`
+    tokens on `cache`; yields `(start, end, logits [B, end - start, V])` per chunk. With a
+    (left-)padding `attention_mask`, position ids follow `generate`'s rule (cumsum of the mask - 1)."""
+    T = int(input_ids.shape[1] if upto is None else upto)
+    pos = None if attention_mask is None else (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+    for s in range(0, T, int(chunk)):
+        e = min(s + int(chunk), T)
+        kw = {} if pos is None else {"attention_mask": attention_mask[:, :e], "position_ids": pos[:, s:e]}
+        out = model(input_ids=input_ids[:, s:e], cache=cache, use_cache=True, **kw)
+        yield s, e, out.logits
+
+
 def cache_bytes(cache) -> int:
-    """Bytes of a cache's KV state (Int8KVLayer: codes + scales; other layers: keys + values)."""
+    """Bytes of a cache's KV state (Int8KVLayer: codes + scales; KiviLayer: packed codes + scales/zeros
+    + residual; other layers: keys + values)."""
     total = 0
     for layer in getattr(cache, "layers", []):
         if hasattr(layer, "state_bytes"):

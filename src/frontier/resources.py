@@ -235,7 +235,7 @@ def _job_work(stage: str, point_cfg: dict, hw: dict) -> dict:
         ev = point_cfg["eval"]
         cost, rec, ppl = ev["cost"], ev["recall"], ev["ppl"]
         batch = int(cost.get("batch", 1))
-        kv_bits = 8 if (q or {}).get("kv_bits") == 8 else None    # 16: the model dtype's cache
+        kv_bits = None  # costmodel.kv_spec reads quant.kv_bits / kv_group / kv_residual
         key = json.dumps([m, q, a, hw], sort_keys=True, default=str)
 
         def est(L: int, b: int = 1, logits: str = "last") -> dict:   # costmodel.estimate, memoised

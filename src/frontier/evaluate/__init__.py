@@ -14,6 +14,9 @@
 * cost: prefill latency, decode tokens/s, peak memory and cache/state bytes at each
   `eval.cost.context_lens` (`measure`), weight bytes, logical parameter count and the
   effective bits per decoder Linear weight;
+* with `quant.kv_bits < 16` all of it on the quantized KV cache (`frontier.kvcache`): the cost
+  ladder prefills into it and decodes from it; perplexity, MQAR and the recall prompts stream
+  through it `eval.kv_chunk` tokens at a time (a one-shot prefill attends in full precision);
 
 and writes `metrics.json` atomically. `metrics.json` is the source of truth; W&B mirrors it.
 A point that fails (any exception, a non-finite perplexity, a missing/corrupt or failed
@@ -31,7 +34,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional
 
-from frontier import checkpoint, dequant, tracking as _tracking
+from frontier import checkpoint, dequant, kvcache, tracking as _tracking
 
 from . import harness as _harness
 from .measure import device_name, measure_costs, weight_stats
@@ -126,18 +129,19 @@ def _evaluate(rec: dict, ckpt_dir: Path, cfg: dict, progress: bool) -> None:
         _quality(rec, model, tok, cfg, progress)
     t = time.time()
     rec["costs"] = measure_costs(model, ev["cost"], seed=int(ev["recall"].get("seed", 0)), progress=progress,
-                                 weight_bytes=rec["weight_bytes"], kv_bits=int(cfg["quant"].get("kv_bits", 16)))
+                                 weight_bytes=rec["weight_bytes"], kv=kvcache.kv_spec(cfg["quant"]))
     log.info("cost ladder done (%.1fs)", time.time() - t)
 
 
 def _quality(rec: dict, model, tok, cfg: dict, progress: bool) -> None:
     ev = cfg["eval"]
     t = time.time()
+    model.frontier_kv = kvcache.kv_spec(cfg["quant"])  # quant.kv_bits < 16: quality streams through that cache
     rec["quality"].update(evaluate_perplexity(model, tok, ev, cfg["data"], progress=progress))
     log.info("perplexity %.3f (%.1fs)", rec["quality"]["ppl"], time.time() - t)
     t = time.time()
-    model.frontier_kv_bits = int(cfg["quant"].get("kv_bits", 16))  # read by recall's generate()
-    rec["quality"].update(evaluate_recall(model, tok, ev["recall"], progress=progress, warnings=rec["warnings"]))
+    rec["quality"].update(evaluate_recall(model, tok, {**ev["recall"], "kv_chunk": int(ev.get("kv_chunk", 32))},
+                                          progress=progress, warnings=rec["warnings"]))
     log.info("recall done (%.1fs)", time.time() - t)
     hcfg = ev.get("harness") or {}
     if hcfg.get("tasks"):

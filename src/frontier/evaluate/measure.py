@@ -8,7 +8,8 @@ For each L in `eval.cost.context_lens` (batch `eval.cost.batch` of random token 
 * `decode_tok_s`: `decode_tokens` greedy steps continuing from that prefill's cache, one
   token per forward call; generated tokens (batch x steps) per second, median over repeats.
 * `state_bytes`: bytes held by the cache right after the prefill at L (KV tensors, or the
-  fixed-size state of linear attention), for the whole batch.
+  fixed-size state of linear attention; a quantized cache counts its real storage: codes,
+  scales/zero points and the full-precision residual), for the whole batch.
 * `peak_mem_bytes`: peak memory of one extra, untimed prefill. On CUDA:
   `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats` (everything the process
   holds on the device, so weights included). On CPU: `model_weight_bytes(model)` plus the
@@ -166,9 +167,10 @@ def _sync(device) -> None:
 
 # ------------------------------------------------------------------ the ladder
 def measure_costs(model, cost_cfg: dict, *, seed: int = 0, progress: bool = True,
-                  weight_bytes: Optional[int] = None, kv_bits: int = 16) -> list[dict]:
+                  weight_bytes: Optional[int] = None, kv: Optional[dict] = None) -> list[dict]:
     """[{"context_len", "metric", "value"}] for every L in cost_cfg["context_lens"] and every
-    metric in METRICS (see the module docstring for what each one measures)."""
+    metric in METRICS (see the module docstring for what each one measures). `kv`: the KV cache
+    (`frontier.kvcache.kv_spec`: bits 16 | 8 | 4 | 2, group, residual)."""
     import torch
 
     from frontier.checkpoint import model_weight_bytes
@@ -194,8 +196,11 @@ def measure_costs(model, cost_cfg: dict, *, seed: int = 0, progress: bool = True
 
     from frontier import kvcache
 
-    def prefill(ids):  # kv_bits=8: an int8 KV cache (softmax layers; swapped layers keep their own state)
-        return model(input_ids=ids, cache=kvcache.make_cache(model, kv_bits), use_cache=True, logits_to_keep=1)
+    kv = kv or {}
+    kv_args = (int(kv.get("bits", 16)), int(kv.get("group", 32)), int(kv.get("residual", 128)))
+
+    def prefill(ids):  # kv bits < 16: a quantized KV cache (softmax layers; swapped layers keep their own state)
+        return model(input_ids=ids, cache=kvcache.make_cache(model, *kv_args), use_cache=True, logits_to_keep=1)
 
     def decode(out) -> None:
         cache = _cache_of(out)

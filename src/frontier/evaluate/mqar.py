@@ -70,11 +70,37 @@ def query_hits(pred_next: Sequence[int], ids: Sequence[int], spans: Sequence[tup
 
 
 # ------------------------------------------------------------------ model
-def teacher_forced_hits(model, tokenizer, items: list[dict], *, batch_size: int = 8) -> list[list[bool]]:
+def _argmax_at(model, x, pos: list[int], kv_chunk: int):
+    """Argmax next-token predictions [B, len(pos)] of the model at positions `pos` of `x`."""
+    import torch
+
+    from frontier import kvcache
+
+    if kvcache.streams(model):  # quantized KV cache: stream the prompt through it
+        arg = torch.empty(x.shape[0], len(pos), dtype=torch.long)
+        for s, e, lg in kvcache.chunked_forward(model, x, kvcache.model_cache(model), kv_chunk):
+            sel = [j for j, p in enumerate(pos) if s <= p < e]
+            if sel:
+                arg[:, sel] = lg[:, [pos[j] - s for j in sel]].argmax(-1).cpu()
+        return arg
+    keep = torch.tensor(pos, dtype=torch.long, device=x.device)
+    try:
+        logits = model(input_ids=x, use_cache=False, logits_to_keep=keep).logits
+        if logits.shape[1] != len(pos):
+            raise TypeError("logits_to_keep ignored")
+    except TypeError:
+        logits = model(input_ids=x, use_cache=False).logits[:, keep]
+    return logits.argmax(-1).cpu()
+
+
+def teacher_forced_hits(model, tokenizer, items: list[dict], *, batch_size: int = 8,
+                        kv_chunk: int = 32) -> list[list[bool]]:
     """Per item (`{"prompt", "spans"}` with character spans), the teacher-forced hit of each
     answer. Batches are right-padded with no attention mask: with causal attention (softmax,
     windowed or recurrent) a position never sees the padding after it, so real positions are
-    exact. Only the logits of the predicting positions are computed (`logits_to_keep`)."""
+    exact. Only the logits of the predicting positions are computed (`logits_to_keep`). Under a
+    quantized KV cache (`model.frontier_kv`, kv_bits < 16) the prompt streams through the cache
+    `kv_chunk` tokens at a time (`frontier.kvcache.chunked_forward`)."""
     import torch
 
     device = next(model.parameters()).device
@@ -93,14 +119,7 @@ def teacher_forced_hits(model, tokenizer, items: list[dict], *, batch_size: int 
             for r, (ids, _) in enumerate(chunk):
                 x[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
             pos = sorted({t - 1 for _, spans in chunk for t0, t1 in spans for t in range(max(t0, 1), t1)})
-            keep = torch.tensor(pos, dtype=torch.long, device=device)
-            try:
-                logits = model(input_ids=x.to(device), use_cache=False, logits_to_keep=keep).logits
-                if logits.shape[1] != len(pos):
-                    raise TypeError("logits_to_keep ignored")
-            except TypeError:
-                logits = model(input_ids=x.to(device), use_cache=False).logits[:, keep]
-            arg = logits.argmax(-1).cpu()  # [B, len(pos)]
+            arg = _argmax_at(model, x.to(device), pos, kv_chunk)  # [B, len(pos)]
             col = {p: j for j, p in enumerate(pos)}
             for r, (ids, spans) in enumerate(chunk):
                 pred = [0] * len(ids)

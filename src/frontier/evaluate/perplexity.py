@@ -5,6 +5,11 @@ the tokens not scored by an earlier window are scored, so every token after the 
 scored exactly once, with up to `seq_len - stride` tokens of context before it. Losses are
 summed in float64 per token (not averaged per window), so the result is exact:
 ppl = exp(sum NLL / number of scored tokens).
+
+Under a quantized KV cache (`quant.kv_bits < 16`) each window streams through the cache in
+chunks of `eval.kv_chunk` tokens, so tokens are scored against the quantized cache the earlier
+chunks wrote (KIVI's cache quantizes as tokens stream in; a single forward would attend in full
+precision to every token of the window, as a prefill does).
 """
 from __future__ import annotations
 
@@ -65,12 +70,24 @@ def windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, in
     return out
 
 
+def _token_nll(logits, x):
+    """NLL (float64) of x[:, j+1] under logits[:, j], for the positions that have a target."""
+    import torch
+
+    n = x.shape[1] - 1
+    logp = torch.log_softmax(logits[:, :n].float(), dim=-1)
+    return -logp.gather(-1, x[:, 1:n + 1].unsqueeze(-1)).squeeze(-1).double()
+
+
 def strided_nll(model, ids, seq_len: int, stride: int, *, batch_size: int = 4,
-                progress: bool = True, desc: str = "ppl") -> tuple[float, int]:
+                progress: bool = True, desc: str = "ppl", kv_cache=None, kv_chunk: int = 32) -> tuple[float, int]:
     """(sum of token NLLs in nats, number of scored tokens) of the flat token tensor `ids`.
 
     Windows of equal length are run `batch_size` at a time; no padding is ever used.
-    `model(input_ids=...)` must return an object with `.logits` [B, T, V].
+    `model(input_ids=...)` must return an object with `.logits` [B, T, V]. With `kv_cache` (a
+    function returning a fresh quantized cache) each window streams through the cache in chunks
+    of `kv_chunk` tokens (`frontier.kvcache.chunked_forward`): the logits of a chunk come from
+    attention over the cache the earlier chunks wrote.
     """
     import torch
 
@@ -101,11 +118,15 @@ def strided_nll(model, ids, seq_len: int, stride: int, *, batch_size: int = 4,
     with torch.inference_mode():
         for gi, group in enumerate(groups):
             x = torch.stack([ids[b:e] for b, e, _ in group]).to(device)
-            out = model(input_ids=x, use_cache=False)
-            logits = out.logits if hasattr(out, "logits") else out[0]
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            tgt = x[:, 1:]
-            nll = -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).double()  # [B, T-1]; nll[j] scores pos j+1
+            if kv_cache is None:
+                out = model(input_ids=x, use_cache=False)
+                nll = _token_nll(out.logits if hasattr(out, "logits") else out[0], x)
+            else:  # stream the window through a fresh quantized cache, kv_chunk tokens per forward
+                from frontier import kvcache
+
+                parts = [_token_nll(lg, x[:, s:min(e + 1, x.shape[1])])
+                         for s, e, lg in kvcache.chunked_forward(model, x, kv_cache(), kv_chunk)]
+                nll = torch.cat(parts, dim=1)  # [B, T-1]; nll[j] scores pos j+1
             for row, (b, e, first) in enumerate(group):
                 scored = nll[row, first - b - 1:]
                 total += float(scored.sum())
@@ -120,9 +141,11 @@ def strided_nll(model, ids, seq_len: int, stride: int, *, batch_size: int = 4,
     return total, count
 
 
-def perplexity(model, ids, seq_len: int, stride: int, *, batch_size: int = 4, progress: bool = True) -> float:
+def perplexity(model, ids, seq_len: int, stride: int, *, batch_size: int = 4, progress: bool = True,
+               kv_cache=None, kv_chunk: int = 32) -> float:
     """exp(mean token NLL) over `ids` with strided windows; raises ValueError if not finite."""
-    total, count = strided_nll(model, ids, seq_len, stride, batch_size=batch_size, progress=progress)
+    total, count = strided_nll(model, ids, seq_len, stride, batch_size=batch_size, progress=progress,
+                               kv_cache=kv_cache, kv_chunk=kv_chunk)
     mean = total / count
     if not math.isfinite(mean):
         raise ValueError(f"perplexity is not finite (mean NLL {mean}) over {count} tokens")
@@ -140,5 +163,11 @@ def evaluate_perplexity(model, tokenizer, eval_cfg: dict, data_cfg: dict, *, pro
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if max_pos and seq_len > max_pos:
         raise ValueError(f"eval.ppl.seq_len={seq_len} exceeds the model's max_position_embeddings={max_pos}")
-    log.info("perplexity: %d held-out tokens, seq_len %d, stride %d", ids.numel(), seq_len, p["stride"])
-    return {"ppl": perplexity(model, ids, seq_len, p["stride"], progress=progress)}
+    from frontier import kvcache
+
+    stream = kvcache.streams(model)  # quant.kv_bits < 16: through the quantized cache, eval.kv_chunk at a time
+    chunk = int(eval_cfg.get("kv_chunk", 32))
+    log.info("perplexity: %d held-out tokens, seq_len %d, stride %d%s", ids.numel(), seq_len, p["stride"],
+             f", streamed through a {model.frontier_kv['bits']}-bit KV cache {chunk} tokens at a time" if stream else "")
+    return {"ppl": perplexity(model, ids, seq_len, p["stride"], progress=progress,
+                              kv_cache=(lambda: kvcache.model_cache(model)) if stream else None, kv_chunk=chunk)}

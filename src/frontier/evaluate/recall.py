@@ -249,9 +249,11 @@ def query_accuracy(hits: list[list[bool]]) -> float:
 
 # ------------------------------------------------------------------ generation
 def generate_continuations(model, tokenizer, prompts: list[str], answers: list[str], *,
-                           batch_size: int = 8) -> list[str]:
+                           batch_size: int = 8, kv_chunk: int = 32) -> list[str]:
     """Greedy continuations (len(answer tokens) + 1 new tokens, cached generate) of each prompt,
-    left-padded batches."""
+    left-padded batches. Under a quantized KV cache (`model.frontier_kv`, kv_bits < 16) the prompt
+    but its last token first streams through the cache `kv_chunk` tokens at a time, so the answer
+    is read from the quantized cache (a one-shot prefill would attend in full precision)."""
     import torch
 
     device = next(model.parameters()).device
@@ -267,9 +269,12 @@ def generate_continuations(model, tokenizer, prompts: list[str], answers: list[s
             from frontier import kvcache
 
             extra = {}
-            kv_cache = kvcache.make_cache(model, int(getattr(model, "frontier_kv_bits", 16)))
-            if kv_cache is not None:  # quant.kv_bits=8: generate on an int8 KV cache
-                extra["cache"] = kv_cache
+            kv_cache = kvcache.model_cache(model)
+            if kv_cache is not None:  # quant.kv_bits < 16: generate on the quantized KV cache, the prompt
+                extra["cache"] = kv_cache  # but its last token streamed in first, eval.kv_chunk tokens at a time
+                for _ in kvcache.chunked_forward(model, enc["input_ids"], kv_cache, kv_chunk,
+                                                 attention_mask=enc["attention_mask"], upto=enc["input_ids"].shape[1] - 1):
+                    pass
             gen = model.generate(**enc, max_new_tokens=n_new, do_sample=False,
                                  num_beams=1, use_cache=True, pad_token_id=pad_id, **extra)
         start = enc["input_ids"].shape[1]
@@ -283,12 +288,13 @@ def task_options(recall_cfg: dict) -> dict:
             "mqar": {**MQAR_DEFAULTS, **(recall_cfg.get("mqar") or {})}}
 
 
-def evaluate_task(model, tokenizer, task: str, items: list[dict], *, batch_size: int = 8) -> float:
+def evaluate_task(model, tokenizer, task: str, items: list[dict], *, batch_size: int = 8, kv_chunk: int = 32) -> float:
     """Accuracy of the model on one task's prompts (from build_prompts)."""
     if task in TEACHER_FORCED:
-        return query_accuracy(_mqar.teacher_forced_hits(model, tokenizer, items, batch_size=batch_size))
+        return query_accuracy(_mqar.teacher_forced_hits(model, tokenizer, items, batch_size=batch_size,
+                                                        kv_chunk=kv_chunk))
     conts = generate_continuations(model, tokenizer, [x["prompt"] for x in items],
-                                   [x["answer"] for x in items], batch_size=batch_size)
+                                   [x["answer"] for x in items], batch_size=batch_size, kv_chunk=kv_chunk)
     return task_accuracy(task, conts, [x["answers"] for x in items])
 
 
@@ -335,7 +341,8 @@ def evaluate_recall(model, tokenizer, recall_cfg: dict, *, tasks: Optional[Seque
                 warn(f"{task}: skipping L={L}: {e}")
                 items = None
             if items:
-                acc = evaluate_task(model, tokenizer, task, items, batch_size=batch_size)
+                acc = evaluate_task(model, tokenizer, task, items, batch_size=batch_size,
+                                    kv_chunk=int(recall_cfg.get("kv_chunk", 32)))
                 out[metric_key(task, L)] = acc
                 log.info("%s@%d: acc %.3f over %d prompts (%d-%d tokens)", task, L, acc, len(items),
                          min(x["tokens"] for x in items), max(x["tokens"] for x in items))

@@ -18,7 +18,9 @@ one override away):
 
 "kernel": the matmul reads the low-bit bytes; "dequant": the weight is stored at its bit
 width and dequantized to the activation dtype inside each forward (no kernel exists for it).
-`quant.kv_bits: 8` selects the int8 KV cache (`frontier.kvcache`) at evaluation.
+`quant.kv_bits` (16 | 8 | 4 | 2) selects the KV cache at evaluation (`frontier.kvcache`,
+`frontier.kivi`); the quantize stage neither reads nor records it (its checkpoint serves every
+kv_bits).
 
 The checkpoint stores only the quantized weights: `quantized.safetensors` where the tensor
 types allow (see `storage`), else `quantized.pt` read with `torch.load(weights_only=True)`.
@@ -214,7 +216,7 @@ def run(cfg: dict, parent: Path, out_dir: Path, *, tracking_cfg: Optional[dict] 
             return {"quant": {"device": device, "method": method, "option": q.get("name"), "bits": q["bits"],
                               "when": when, "parent_stages": parents, "lora_merged_layers": merged,
                               "group_size": q.get("group_size"), "symmetric": bool(q.get("symmetric", False)),
-                              "kv_bits": int(q.get("kv_bits", 16)), "library": LIBRARY.get(method),
+                              "library": LIBRARY.get(method),
                               "format": saved["format"], "files_written": saved["files"],
                               "calibration": calib_info, "quantize_s": round(quant_s, 3), **facts,
                               **linear_stats(lp.model), "weight_bytes": checkpoint.model_weight_bytes(lp.model)}}

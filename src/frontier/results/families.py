@@ -13,29 +13,34 @@ from __future__ import annotations
 from frontier import costmodel
 
 # display order; also the order of family-level crossover pairs
-FAMILIES = ("baseline", "quantization", "attention", "combined")
+FAMILIES = ("baseline", "quantization", "kv_quant", "attention", "combined")
 # matplotlib colour names and the same colours as hex (Plotly, HTML)
-FAMILY_COLORS = {"baseline": "black", "quantization": "tab:blue", "attention": "tab:orange",
-                 "combined": "tab:green"}
-FAMILY_HEX = {"baseline": "#222222", "quantization": "#1f77b4", "attention": "#ff7f0e",
+FAMILY_COLORS = {"baseline": "black", "quantization": "tab:blue", "kv_quant": "tab:purple",
+                 "attention": "tab:orange", "combined": "tab:green"}
+FAMILY_HEX = {"baseline": "#222222", "quantization": "#1f77b4", "kv_quant": "#9467bd", "attention": "#ff7f0e",
               "combined": "#2ca02c"}
 OTHER_COLOR, OTHER_HEX = "tab:gray", "#7f7f7f"
 # a family pair (x, y) is read "x against y": x is the restructured / combined side. This order
 # puts the side that changes the shape of the cost curve first.
-CHALLENGER_ORDER = ("attention", "combined", "quantization", "baseline")
+CHALLENGER_ORDER = ("attention", "combined", "kv_quant", "quantization", "baseline")
 # the pairs the product's question is about (the "answer" lines and paragraphs)
-QUESTION_PAIRS = (("attention", "quantization"), ("combined", "quantization"))
+QUESTION_PAIRS = (("attention", "quantization"), ("attention", "kv_quant"), ("combined", "quantization"),
+                  ("combined", "kv_quant"))
 # one sentence per family, for readers
 FAMILY_MEANING = {
     "baseline": "no quantization, softmax attention",
     "quantization": "quantized weights, softmax attention",
+    "kv_quant": "quantized KV cache (quant.kv_bits < 16) of softmax attention, unquantized weights",
     "attention": "restructured attention (linear, sliding window, ...), unquantized weights",
-    "combined": "quantized weights and restructured attention",
+    "combined": "two or more of: quantized weights, quantized KV cache, restructured attention",
 }
 
 
 def family_of(choices: dict, config: dict) -> str:
-    """baseline | quantization | attention | combined, from the resolved config (else names)."""
+    """baseline | quantization | kv_quant | attention | combined, from the resolved config (else
+    names): one family per non-default axis (weights quantized; KV cache quantized, which counts
+    only while some layer keeps softmax attention and so a KV cache; attention restructured),
+    ``combined`` when several are."""
     qcfg = (config or {}).get("quant") or {}
     acfg = (config or {}).get("attention") or {}
     if qcfg:
@@ -47,13 +52,13 @@ def family_of(choices: dict, config: dict) -> str:
     else:
         kind = (choices or {}).get("attention", "softmax")
     restructured = kind not in ("softmax", None)
-    if quantized and restructured:
+    keeps_kv = not restructured or bool(acfg.get("keep_softmax"))  # a hybrid keeps softmax layers
+    kv_quant = int(qcfg.get("kv_bits") or 16) < 16 and keeps_kv
+    axes = [name for name, on in (("quantization", quantized), ("kv_quant", kv_quant),
+                                  ("attention", restructured)) if on]
+    if len(axes) > 1:
         return "combined"
-    if quantized:
-        return "quantization"
-    if restructured:
-        return "attention"
-    return "baseline"
+    return axes[0] if axes else "baseline"
 
 
 def fam_rank(f: str | None) -> int:

@@ -187,12 +187,12 @@ def measured_cost_rows(m: dict) -> list[dict]:
 
 def modelled_cost_rows(point_id: str, config: dict, hardware_cfgs: list[dict],
                        context_lens: Iterable[int]) -> list[dict]:
-    """costmodel.estimate per hardware and L, at the eval's batch (``eval.cost.batch``) and KV
-    bits (``eval.cost.kv_bits`` / ``eval.kv_bits``, else the model dtype's)."""
+    """costmodel.estimate per hardware and L, at the eval's batch (``eval.cost.batch``) and the
+    point's KV cache (``quant.kv_bits`` / ``kv_group`` / ``kv_residual``, read by the cost model;
+    16: the model dtype's)."""
     ev = config.get("eval") or {}
     evc = ev.get("cost") if isinstance(ev.get("cost"), dict) else {}
-    kv_bits = evc.get("kv_bits") or ev.get("kv_bits") or (config.get("attention") or {}).get("kv_bits")
-    kv_bits = int(kv_bits) if kv_bits else None
+    kv_bits = None  # costmodel.kv_spec reads the quant config
     batch = int(evc.get("batch") or 1)
     rows = []
     for hw in hardware_cfgs:

@@ -1,0 +1,282 @@
+"""KIVI: a 2/4-bit KV cache (Liu et al. 2024, "KIVI: A Tuning-Free Asymmetric 2bit Quantization
+for KV Cache"), as a transformers cache layer that holds real packed low-bit codes.
+
+The recipe (the paper's Algorithm 1, and its reference code):
+
+* **Keys per channel**, grouped along the token axis: every ``group`` consecutive tokens of one
+  channel share a scale and a zero point (min-max, asymmetric). Keys are quantized in blocks of
+  ``residual`` tokens: new keys wait in a full-precision residual; when it holds ``residual``
+  tokens (``group`` when ``residual`` is 0) the whole block is quantized and the residual is
+  emptied. The residual therefore holds ``L mod residual`` keys.
+* **Values per token**, grouped along the channel axis: every ``group`` consecutive channels of
+  one token share a scale and a zero point. The ``residual`` most recent values stay in full
+  precision; each older value is quantized as it leaves that window.
+* Flushes happen *after* the tokens of an ``update`` were returned for attention: a decode step
+  attends to the packed past, the residual and its own key/value in full precision (KIVI's
+  decode), and a prefill attends in full precision to the tokens it brings (KIVI's prefill). Which
+  tokens are quantized, and how, depends only on their positions, never on how the stream was cut
+  into ``update`` calls: a prompt prefilled at once and the same tokens fed one at a time leave the
+  same codes, scales and residuals.
+
+Storage (per layer; ``B`` batch, ``H`` KV heads, ``D`` head_dim, ``per = 8 // bits`` codes per
+byte; ``uint8`` codes, float16 scales and zero points as in KIVI's kernels, residuals in the
+model dtype):
+
+* keys: ``key_codes`` [B, H, Nk/per, D] — within each group of ``group`` tokens, byte row r holds
+  the codes of tokens r, r + group/per, r + 2·group/per, ... (bit-planes along the token axis, so
+  unpacking is a shift over contiguous rows); ``key_scale`` / ``key_zero`` [B, H, Nk/group, D];
+* values: ``value_codes`` [B, H, D/per, Nv] — byte row j of a token holds channels j, j + D/per,
+  ...; stored channel-major so that unpacking and the per-token scales broadcast over contiguous
+  rows; ``value_scale`` / ``value_zero`` [B, H, D/group, Nv];
+* ``keys`` / ``values``: the full-precision residuals [B, H, r, D] (transformers' own
+  ``QuantizedLayer`` keeps its residual there too).
+
+``update`` dequantizes the packed blocks straight into the tensors it returns ([B, H, T, D] views
+of token-outer buffers, head_dim contiguous) and keeps no dense copy of them: decode reads the
+packed cache and the residual only. On CPU this costs several elementwise passes over L x head_dim
+per layer and step (bench/kvcache.py: 2-bit decode ~0.6x the 16-bit cache's at L = 4,096 on
+SmolLM2-135M); KIVI fuses dequantization into the attention matmuls on GPU.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+KIVI_BITS = (2, 4)
+SCALE_DTYPE = torch.float16  # KIVI keeps scales and zero points (its "mn") in fp16
+
+
+# ------------------------------------------------------------------ packing
+def _shifts(bits: int, device) -> torch.Tensor:
+    return torch.arange(0, 8, bits, dtype=torch.uint8, device=device)
+
+
+def pack_codes(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Pack uint8 codes (< 2**bits) into bytes along ``dim`` (size n, a multiple of 8 // bits):
+    byte i holds the codes at i, i + n/per, i + 2n/per, ... in bits 0.., bits.., ... (bit-planes)."""
+    per = 8 // bits
+    dim = dim % codes.dim()
+    n = codes.shape[dim]
+    if n % per:
+        raise ValueError(f"pack_codes: size {n} along dim {dim} is not a multiple of {per}")
+    planes = codes.unflatten(dim, (per, n // per))  # [..., per, n/per, ...]
+    shape = [1] * planes.dim()
+    shape[dim] = per
+    shifted = planes << _shifts(bits, codes.device).view(shape)
+    return shifted.sum(dim=dim, dtype=torch.uint8)  # disjoint bits: the sum is a bitwise or
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: uint8 codes, ``dim`` grown by 8 // bits."""
+    per = 8 // bits
+    dim = dim % packed.dim()
+    shape = [1] * (packed.dim() + 1)
+    shape[dim] = per
+    planes = torch.bitwise_and(packed.unsqueeze(dim) >> _shifts(bits, packed.device).view(shape), (1 << bits) - 1)
+    return planes.flatten(dim, dim + 1)
+
+
+# ------------------------------------------------------------------ quantization (min-max, asymmetric)
+def _minmax(x: torch.Tensor, dim: int, bits: int):
+    """fp16 (scale, zero) of min-max asymmetric quantization over ``dim`` (kept), and the codes."""
+    x = x.float()
+    mn, mx = x.amin(dim=dim, keepdim=True), x.amax(dim=dim, keepdim=True)
+    qmax = (1 << bits) - 1
+    scale = ((mx - mn) / qmax).to(SCALE_DTYPE)
+    zero = mn.to(SCALE_DTYPE)
+    s = scale.float()
+    codes = torch.round((x - zero.float()) / torch.where(s > 0, s, torch.ones_like(s))).clamp_(0, qmax)
+    return codes.to(torch.uint8), scale, zero
+
+
+def quantize_keys(k: torch.Tensor, bits: int, group: int):
+    """Keys [B, H, n, D] (n a multiple of ``group``) → (codes [B, H, n/per, D], scale, zero
+    [B, H, n/group, D]): per channel, one scale/zero per group of ``group`` tokens."""
+    b, h, n, d = k.shape
+    codes, scale, zero = _minmax(k.reshape(b, h, n // group, group, d), 3, bits)
+    packed = pack_codes(codes, bits, dim=3)  # [B, H, n/group, group/per, D]
+    return packed.flatten(2, 3), scale.squeeze(3), zero.squeeze(3)
+
+
+def quantize_values(v: torch.Tensor, bits: int, group: int):
+    """Values [B, H, n, D] → (codes [B, H, D/per, n], scale, zero [B, H, D/group, n]): per token,
+    one scale/zero per group of ``group`` channels (stored channel-major)."""
+    b, h, n, d = v.shape
+    vt = v.transpose(-1, -2).reshape(b, h, d // group, group, n)
+    codes, scale, zero = _minmax(vt, 3, bits)
+    packed = pack_codes(codes.reshape(b, h, d, n), bits, dim=2)  # [B, H, D/per, n]
+    return packed, scale.squeeze(3), zero.squeeze(3)
+
+
+def dequantize_keys(codes, scale, zero, bits: int, group: int, out: Optional[torch.Tensor] = None, dtype=None):
+    """[B, H, n, D] keys from :func:`quantize_keys`' output (written into ``out`` when given)."""
+    b, h, rows, d = codes.shape
+    per = 8 // bits
+    n = rows * per
+    c = unpack_codes(codes.reshape(b, h, n // group, group // per, d), bits, dim=3)  # [B, H, n/group, group, D]
+    if out is None:
+        out = torch.empty(b, h, n, d, dtype=dtype or torch.float32, device=codes.device)
+    torch.addcmul(zero.unsqueeze(3).to(out.dtype), c, scale.unsqueeze(3).to(out.dtype),
+                  out=out.view(b, h, n // group, group, d))
+    return out
+
+
+def dequantize_values_t(codes, scale, zero, bits: int, group: int, out: Optional[torch.Tensor] = None, dtype=None):
+    """Channel-major [B, H, D, n] values from :func:`quantize_values`' output (into ``out``, which
+    may be a column slice of a wider buffer)."""
+    b, h, rows, n = codes.shape
+    d = rows * (8 // bits)
+    c = unpack_codes(codes, bits, dim=2)  # [B, H, D, n]
+    if out is None:
+        out = torch.empty(b, h, d, n, dtype=dtype or torch.float32, device=codes.device)
+    torch.addcmul(zero.unsqueeze(3).to(out.dtype), c.view(b, h, d // group, group, n), scale.unsqueeze(3).to(out.dtype),
+                  out=out.unflatten(2, (d // group, group)))
+    return out
+
+
+# ------------------------------------------------------------------ the cache layer
+class KiviLayer(DynamicLayer):
+    """A growing KV cache layer with KIVI 2/4-bit packed keys/values and a full-precision residual."""
+
+    is_croppable = False
+
+    def __init__(self, bits: int = 2, group: int = 32, residual: int = 128, **kwargs):
+        super().__init__()
+        if bits not in KIVI_BITS:
+            raise ValueError(f"KiviLayer bits must be one of {KIVI_BITS}, got {bits!r}")
+        if group < 1 or group % (8 // bits) or residual < 0 or residual % group:
+            raise ValueError(f"KiviLayer needs group a multiple of {8 // bits} and residual a multiple of group "
+                             f"(got group={group}, residual={residual})")
+        self.bits, self.group, self.residual = int(bits), int(group), int(residual)
+        self.block = self.residual or self.group  # keys are quantized this many tokens at a time
+        self.cumulative_length = 0
+        self._clear()
+
+    def _clear(self) -> None:
+        self.key_codes = self.key_scale = self.key_zero = None
+        self.value_codes = self.value_scale = self.value_zero = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        if d % self.group or d % (8 // self.bits):
+            raise ValueError(f"KIVI: head_dim {d} must be a multiple of kv_group={self.group} (values are grouped "
+                             f"along channels) and of {8 // self.bits}")
+        self.device, self.dtype = key_states.device, key_states.dtype
+        dev, per = self.device, 8 // self.bits
+        self.keys = key_states.new_empty(b, h, 0, d)
+        self.values = value_states.new_empty(b, h, 0, value_states.shape[-1])
+        self.key_codes = torch.empty(b, h, 0, d, dtype=torch.uint8, device=dev)
+        self.key_scale = torch.empty(b, h, 0, d, dtype=SCALE_DTYPE, device=dev)
+        self.key_zero = torch.empty_like(self.key_scale)
+        self.value_codes = torch.empty(b, h, d // per, 0, dtype=torch.uint8, device=dev)
+        self.value_scale = torch.empty(b, h, d // self.group, 0, dtype=SCALE_DTYPE, device=dev)
+        self.value_zero = torch.empty_like(self.value_scale)
+        self.is_initialized = True
+
+    # -------------------------------------------------------------- sizes
+    def quantized_lengths(self) -> tuple[int, int]:
+        """(packed keys, packed values) in tokens."""
+        if not self.is_initialized:
+            return 0, 0
+        return self.key_codes.shape[2] * (8 // self.bits), self.value_codes.shape[-1]
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def state_bytes(self) -> int:
+        """Bytes held: packed codes + fp16 scales/zeros + the full-precision residuals."""
+        if not self.is_initialized:
+            return 0
+        return sum(t.numel() * t.element_size() for t in self._tensors())
+
+    def _tensors(self):
+        return (self.key_codes, self.key_scale, self.key_zero, self.value_codes, self.value_scale,
+                self.value_zero, self.keys, self.values)
+
+    # -------------------------------------------------------------- update
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        nk, nv = self.quantized_lengths()
+        res_k = torch.cat([self.keys, key_states.to(self.dtype)], dim=-2) if self.keys.shape[-2] else key_states
+        res_v = torch.cat([self.values, value_states.to(self.dtype)], dim=-2) if self.values.shape[-2] else value_states
+        keys, values = self._attend_view(res_k, res_v, nk, nv)
+        self._flush(res_k, res_v)
+        return keys, values
+
+    def _attend_view(self, res_k, res_v, nk: int, nv: int):
+        """Packed past (dequantized) followed by the residual + new tokens, as [B, H, T, D] views of
+        token-outer [T, B, H, D] buffers: the packed part is then one dense prefix that the
+        dequantization writes in place (an elementwise op writing a strided slice takes a slow copy
+        path on CPU), each buffer is one allocation, and head_dim keeps stride 1 (SDPA's fused CPU
+        kernel needs it)."""
+        if nk == 0 and nv == 0:
+            return res_k, res_v
+        b, h, rk, d = res_k.shape
+        kbuf = res_k.new_empty(nk + rk, b, h, d)
+        if nk:
+            dequantize_keys(self.key_codes, self.key_scale, self.key_zero, self.bits, self.group,
+                            out=kbuf[:nk].permute(1, 2, 0, 3))
+        kbuf[nk:].copy_(res_k.permute(2, 0, 1, 3))
+        rv, dv = res_v.shape[-2], res_v.shape[-1]
+        vbuf = res_v.new_empty(nv + rv, b, h, dv)
+        if nv:
+            dequantize_values_t(self.value_codes, self.value_scale, self.value_zero, self.bits, self.group,
+                                out=vbuf[:nv].permute(1, 2, 3, 0))
+        vbuf[nv:].copy_(res_v.permute(2, 0, 1, 3))
+        return kbuf.permute(1, 2, 0, 3), vbuf.permute(1, 2, 0, 3)
+
+    def _flush(self, res_k: torch.Tensor, res_v: torch.Tensor) -> None:
+        """Quantize whole key blocks of the residual, and every value older than the window."""
+        m = (res_k.shape[-2] // self.block) * self.block
+        if m:
+            c, s, z = quantize_keys(res_k[:, :, :m], self.bits, self.group)
+            self.key_codes = torch.cat([self.key_codes, c], dim=2)
+            self.key_scale = torch.cat([self.key_scale, s], dim=2)
+            self.key_zero = torch.cat([self.key_zero, z], dim=2)
+        self.keys = res_k[:, :, m:].clone()  # a copy: a view would keep the whole input alive
+        m = max(res_v.shape[-2] - self.residual, 0)
+        if m:
+            c, s, z = quantize_values(res_v[:, :, :m], self.bits, self.group)
+            self.value_codes = torch.cat([self.value_codes, c], dim=-1)
+            self.value_scale = torch.cat([self.value_scale, s], dim=-1)
+            self.value_zero = torch.cat([self.value_zero, z], dim=-1)
+        self.values = res_v[:, :, m:].clone()
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cache as it stands ([B, H, L, D] keys and values: packed part dequantized + residual)."""
+        nk, nv = self.quantized_lengths()
+        return self._attend_view(self.keys, self.values, nk, nv)
+
+    # -------------------------------------------------------------- bookkeeping
+    def reset(self) -> None:
+        self._clear()
+        self.cumulative_length = 0
+        super().reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("KiviLayer cannot be cropped (packed blocks; assisted decoding is unsupported)")
+
+    def _select(self, fn) -> None:
+        if self.is_initialized:
+            (self.key_codes, self.key_scale, self.key_zero, self.value_codes, self.value_scale,
+             self.value_zero, self.keys, self.values) = (fn(t) for t in self._tensors())
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select(lambda t: t[indices, ...])
+
+    def offload(self):
+        self._select(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self):
+        if self.is_initialized and self.keys.device != self.device:
+            self._select(lambda t: t.to(self.device, non_blocking=True))
