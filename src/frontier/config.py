@@ -576,7 +576,8 @@ def validate_point(cfg: dict, *, cuda_available: Optional[bool] = None) -> None:
     _validate_kv(q, m)
     longest = max([*ev["recall"]["context_lens"], *ev["cost"]["context_lens"], ev["ppl"]["seq_len"]])
     if longest > m["max_position"]:
-        raise ConfigError("eval", f"context length {longest} exceeds model.max_position={m['max_position']}")
+        raise ConfigError("eval", f"context length {longest} (eval option {ev['name']!r}) exceeds "
+                                  f"model.max_position={m['max_position']} of model {m['name']!r}")
     _validate_attention(a, m, ev)
     for lk in ("recall", "cost"):
         lens = ev[lk]["context_lens"]
