@@ -306,10 +306,9 @@ class EvalCfg:
     cost: CostCfg = _f()
     harness: HarnessCfg = _f({})
     quality_weights: str = _f("auto", choices=("auto", "kernel", "dequantized"),
-                              doc="weights the quality metrics (ppl, recall, harness) run on for a weight-only "
-                                  "quantized model: kernel = the low-bit kernels; dequantized = cached dequantized "
-                                  "copies (the same function at dense speed); auto = dequantized on CPU, kernel on "
-                                  "CUDA. The cost ladder always measures the kernels")
+                              doc="deprecated, ignored (kept so old configs validate): quality and cost now run "
+                                  "the same quantized layers, which dequantize on the fly at prefill shapes "
+                                  "(frontier.quantize.fastpath); no dense copies are made")
 
 
 @dataclass
