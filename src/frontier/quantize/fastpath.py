@@ -78,7 +78,6 @@ def int4_opaque_codes(w) -> Optional[torch.Tensor]:
 COMPILE_ENV = "FRONTIER_QUANT_COMPILE"  # 0: never torch.compile the dequantize / decode kernels (eager only)
 COMPILE_MIN_WEIGHTS = 1 << 16  # smaller weights (test models) dequantize eagerly, without compiling
 _SHIFT4 = torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 2, 1)
-_SHIFT8 = torch.arange(8, dtype=torch.uint8)
 _SCRATCH: dict = {}
 _FAILED: set = set()
 
@@ -87,27 +86,28 @@ def _int8_deq(out, q, s):
     out.copy_(q.to(torch.float32) * s.to(torch.float32).unsqueeze(-1))
 
 
-def _int4_deq_t(out, qdata, s, z, shift, g: int):
-    """out [K, N/64, 2, 32] (= Wᵀ) from the CPU int4 layout (N % 64 == 0), in one fused pass."""
+def _int4_deq_t(out, blk_t, s, z, shift, g: int):
+    """out [K, N/64, 2, 32] (= Wᵀ) from the CPU int4 layout's bytes transposed to [K, N/64, 1, 32]
+    (N % 64 == 0), in one fused pass: (code - 8) * scale + zero."""
     k, nb = out.shape[0], out.shape[1]
-    blk = qdata.view(nb, k, 1, 32).permute(1, 0, 2, 3)
-    q = ((blk >> shift) & 15).to(torch.float32)
+    q = ((blk_t >> shift) & 15).to(torch.float32)
     s = s.view(k // g, 1, nb, 2, 32).expand(k // g, g, nb, 2, 32).reshape(k, nb, 2, 32)
     z = z.view(k // g, 1, nb, 2, 32).expand(k // g, g, nb, 2, 32).reshape(k, nb, 2, 32)
     out.copy_((q - 8.0) * s + z)
 
 
-def _packed_deq(out, qdata, scale, zero, shifts, bits: int, g: int):
+def _packed_deq(out, qdata, scale, zero, bits: int, g: int):
     """out [N, K] from `PackedIntxTensor` codes (`tensors.pack_bits` layouts) in one fused pass;
     zero None: symmetric (2**(bits-1))."""
     n, k = out.shape
     if 8 % bits == 0:  # several codes per byte: [N, K*bits/8]
         per = 8 // bits
-        q = ((qdata.view(n, k // per, 1) >> (shifts[:per] * bits).view(1, 1, per)) & (2 ** bits - 1)).to(torch.float32)
-    else:  # bit-planes: [bits, N, K/8], plane b holding bit b of 8 codes per byte
-        bit = (qdata.view(bits, n, k // 8, 1) >> shifts.view(1, 1, 1, 8)) & 1
-        q = sum(bit[b].to(torch.float32) * float(2 ** b) for b in range(bits))
-    q = q.reshape(n, k // g, g)
+        b = qdata.view(n, k // per)
+        q = torch.stack([(b >> (i * bits)) & (2 ** bits - 1) for i in range(per)], -1)
+    else:  # bit-planes: [bits, N, K/8], plane j holding bit j of 8 codes per byte
+        planes = qdata.view(bits, n, k // 8)
+        q = torch.stack([sum(((planes[j] >> i) & 1) << j for j in range(bits)) for i in range(8)], -1)
+    q = q.reshape(n, k // g, g).to(torch.float32)
     z = zero.to(torch.float32).unsqueeze(-1) if zero is not None else float(2 ** (bits - 1))
     out.copy_(((q - z) * scale.to(torch.float32).unsqueeze(-1)).view(n, k))
 
@@ -130,7 +130,7 @@ def _compiled(fn_name: str):
     import torch._dynamo
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    return torch.compile(globals()[fn_name], dynamic=True)
+    return torch.compile(globals()[fn_name], dynamic=None if fn_name == "_int8_reduce" else False)
 
 
 def _run_compiled(fn_name: str, *args):
@@ -171,7 +171,8 @@ def _int4_dense(w, dtype, scratch: bool) -> torch.Tensor:
             and w.qdata.numel() * 2 == n * k and _int4_layout_ok(0)):
         out = _buffer(n * k, dtype, scratch).view(k, n // 64, 2, 32)
         s, z = sz[..., 0].to(torch.float32).contiguous(), sz[..., 1].to(torch.float32).contiguous()
-        if _run_compiled("_int4_deq_t", out, w.qdata, s, z, _SHIFT4, g)[0]:
+        blk_t = w.qdata.view(n // 64, k, 1, 32).transpose(0, 1).contiguous()  # bytes only: 1/4 of the output
+        if _run_compiled("_int4_deq_t", out, blk_t, s, z, _SHIFT4, g)[0]:
             return out.view(k, n).t()
     q = int4_opaque_codes(w)
     if q is None:  # unknown layout: ask the kernel, Wᵀ = kernel(I)
@@ -200,7 +201,7 @@ def _dense(w, dtype, scratch: bool) -> torch.Tensor:
     if name == "PackedIntxTensor" and w.device.type == "cpu" and w.shape[0] * w.shape[1] >= COMPILE_MIN_WEIGHTS:
         n, k = w.shape
         out = _buffer(n * k, dtype, scratch).view(n, k)
-        if _run_compiled("_packed_deq", out, w.qdata, w.scale, w.zero_point, _SHIFT8, w.bits, w.group_size)[0]:
+        if _run_compiled("_packed_deq", out, w.qdata, w.scale, w.zero_point, w.bits, w.group_size)[0]:
             return out
     if hasattr(w, "dequantize"):
         return w.dequantize(dtype).to(dtype)
