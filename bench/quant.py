@@ -171,7 +171,9 @@ def decode_tok_s(model, prompt: int = 32, new: int = 16, repeats: int = 3) -> tu
     ids = torch.randint(0, model.config.vocab_size, (1, prompt))
     best = float("inf")
     for _ in range(repeats):
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        with torch.backends.mkldnn.flags(enabled=True):  # the prompt (not timed): oneDNN's bf16 GEMM; with
+            # it off, ATen's fallback GEMM takes minutes over the dequantized 7B-shape layers (fastpath)
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
         cache = getattr(out, "cache", None) or out.past_key_values
         tok = out.logits[:, -1:].argmax(-1)
         t = time.perf_counter()

@@ -129,7 +129,9 @@ def _compiled(fn_name: str):
     constants folded into a dense copy)."""
     import torch._dynamo
 
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for name in ("recompile_limit", "cache_size_limit"):  # one graph per layer shape and grad mode
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
     return torch.compile(globals()[fn_name], dynamic=None if fn_name == "_int8_reduce" else False)
 
 
@@ -267,7 +269,7 @@ def forward(x: torch.Tensor, w, bias=None) -> torch.Tensor:
     n, k = w.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
-    if x2.device.type == "cpu" and x2.shape[0] <= DECODE_MAX_ROWS:
+    if x2.device.type == "cpu" and 0 < x2.shape[0] <= DECODE_MAX_ROWS:
         y = decode_kernel(w, x2.dtype)(x2, w)
     else:
         y = F.linear(x2, _dense(w, x2.dtype, scratch=True))
@@ -289,7 +291,6 @@ class _QLinear(torch.autograd.Function):
     def forward(ctx, x, bias, hold):  # noqa: D401 - autograd.Function API
         ctx.hold = hold
         ctx.bias_grad = bias is not None and bias.requires_grad
-        ctx.lead = x.shape[:-1]
         with torch.no_grad():
             return forward(x, hold.w, bias)
 

@@ -8,16 +8,18 @@ Every weight-only method here (RTN, HQQ, GPTQ, AWQ) ends in the same place: inte
 `pack` turns codes into the tensor a `nn.Linear` keeps as its weight:
 
 * 4 bits, groups of 32/64/128, CPU: torchao's `Int4OpaqueTensor` (real packed int4, the
-  `aten._weight_int4pack_mm_for_cpu` kernel; "kernel" storage);
+  `aten._weight_int4pack_mm_for_cpu` kernel at decode; "kernel" storage);
 * 8 bits, symmetric, one scale per output row, CPU: `Int8RowTensor` (int8, the
-  `aten._weight_int8pack_mm` kernel; "kernel" storage);
+  `aten._weight_int8pack_mm` kernel at decode with bf16 activations; "kernel" storage);
 * anything else (3, 5, 6, 7 bits, other group sizes, asymmetric int8, CUDA):
   `PackedIntxTensor`, codes bit-packed to exactly ``bits`` bits per weight plus scales and
   zero points, dequantized on the fly inside `F.linear` ("dequant" storage).
 
 Both frontier tensor types are torchao `TorchAOBaseTensor`s (flatten/unflatten, `.to`,
 `detach`, `dequantize()`), carry an optional ``act_pre_scale`` (AWQ multiplies activations
-by it), and are registered as safe globals for `torch.load(weights_only=True)`.
+by it), and are registered as safe globals for `torch.load(weights_only=True)`. Their linear,
+and torchao `Int4OpaqueTensor`'s, is `fastpath.linear`: the kernel for a few rows, dequantize
+on the fly + dense matmul for many, differentiable w.r.t. the input.
 """
 from __future__ import annotations
 
