@@ -1,87 +1,175 @@
-"""frontier.dequant: dequantized copies of frozen quantized linears compute the kernels' function."""
+"""Shape-dispatched quantized linears (`frontier.quantize.fastpath`): the same function as the
+dequantized weight, at one token and at many, forward and backward, with no dense copy kept.
+
+References are independent of fastpath's own dequantization: `Codes.dequantize` for weights
+built from codes, torch's int4 kernel applied to the identity for torchao-quantized int4,
+bitsandbytes' `dequantize_4bit` for NF4.
+"""
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from frontier import dequant
-from frontier import quantize as Q
+from frontier import checkpoint, dequant
+from frontier.quantize import fastpath as FP
+from frontier.quantize import rtn
+from frontier.quantize.tensors import Codes, Int8RowTensor, PackedIntxTensor, int4_opaque_from_codes, pack
+
+ROWS = (1, 3, 40)  # decode kernel (<= DECODE_MAX_ROWS) and dequantize + dense matmul
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
 
-def _mlp(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    m = nn.Sequential()
-    m.add_module("layers", nn.ModuleList([nn.Linear(128, 96, bias=False), nn.Linear(96, 128, bias=True)]))
-    m.forward = lambda x: m.layers[1](torch.relu(m.layers[0](x)))
+def _w(n=192, k=128, seed=0):
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05
+
+
+def _int4_kernel_dense(t) -> torch.Tensor:
+    """[N, K] fp32 weight as torch's CPU int4 kernel computes it (the kernel applied to I)."""
+    k = t.shape[1]
+    sz = t.scale_and_zero.float()
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(k), t.qdata, t.block_size[1], sz)[:, :t.shape[0]].t()
+
+
+def _formats(dtype):
+    """[(name, weight tensor, reference fp32 dense [N, K], activation pre-scale or None)]."""
+    from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+    from torchao.quantization.quantize_.workflows import Int4ChooseQParamsAlgorithm
+
+    w = _w()
+    out = []
+    c8 = rtn.rtn_codes(w, 8, None, True)
+    out.append(("int8_row", Int8RowTensor.from_codes(c8, dtype), c8.dequantize()))
+    for g in (32, 64):
+        c = rtn.rtn_codes(w, 4, g, False)
+        out.append((f"int4_g{g}", int4_opaque_from_codes(c, dtype), c.dequantize()))
+    h = Int4OpaqueTensor.from_hp(w.to(dtype), [1, 64], int4_choose_qparams_algorithm=Int4ChooseQParamsAlgorithm.HQQ)
+    out.append(("hqq4_g64", h, _int4_kernel_dense(h)))
+    for bits, g, sym in ((3, 32, False), (8, 32, False), (5, 64, True)):
+        c = rtn.rtn_codes(w, bits, g, sym)
+        out.append((f"packed{bits}_g{g}", PackedIntxTensor.from_codes(c, dtype), c.dequantize()))
+    pre = torch.rand(w.shape[1], generator=torch.Generator().manual_seed(1)) + 0.5
+    for bits in (4, 3):  # AWQ: codes of W·s, activations times 1/s
+        c = rtn.rtn_codes(w / pre, bits, 32, False)
+        t, _ = pack(c, dtype)
+        t.act_pre_scale = pre.to(dtype)
+        out.append((f"awq{bits}", t, c.dequantize()))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fast_paths_compute_the_dequantized_function_forward_and_backward(dtype):
+    for name, t, ref_w, in [f[:3] for f in _formats(dtype)]:
+        pre = getattr(t, "act_pre_scale", None)
+        for rows in ROWS:
+            x = torch.randn(2, rows, t.shape[1], generator=torch.Generator().manual_seed(rows)).to(dtype)
+            xs = x.float() * (pre.float() if pre is not None else 1.0)
+            ref = xs @ ref_w.T
+            xg = x.clone().requires_grad_(True)
+            y = F.linear(xg, t)
+            assert y.dtype == dtype and y.shape == (2, rows, t.shape[0])
+            err = (y.float() - ref).abs().max() / ref.abs().max()
+            assert err <= TOL[dtype], (name, rows, err.item())
+            g = torch.randn_like(y)
+            y.backward(g)
+            gref = (g.float() @ ref_w) * (pre.float() if pre is not None else 1.0)
+            gerr = (xg.grad.float() - gref).abs().max() / gref.abs().max()
+            assert gerr <= TOL[dtype], (name, rows, gerr.item())
+            with torch.no_grad():  # the inference path is the same function
+                assert torch.equal(F.linear(x, t), y.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_nf4_linear_is_bitsandbytes_function_and_never_repacks(dtype):
+    import bitsandbytes as bnb
+
+    lin = nn.Linear(128, 192, bias=True).to(dtype)
+    q = rtn.nf4_linear(lin, 64).eval()
+    assert isinstance(q, bnb.nn.Linear4bit)
+    before = (q.weight.data.clone(), checkpoint.tensor_bytes(q.weight))
+    ref_w = bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state).float()
+    for rows in ROWS:
+        x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(rows)).to(dtype)
+        with torch.inference_mode():  # bitsandbytes' own CPU path would repack the weight here
+            y = q(x)
+        ref = x.float() @ ref_w.T + q.bias.float()
+        assert (y.float() - ref).abs().max() / ref.abs().max() <= TOL[dtype]
+        xg = x.clone().requires_grad_(True)
+        q(xg).sum().backward()
+        gref = torch.ones(rows, 192) @ ref_w
+        assert (xg.grad.float() - gref).abs().max() / gref.abs().max() <= TOL[dtype]
+    assert torch.equal(q.weight.data, before[0]) and checkpoint.tensor_bytes(q.weight) == before[1]
+    assert not getattr(q.weight.quant_state, "packing_format_for_cpu", False)
+
+
+@pytest.mark.parametrize("n", [64, 80, 96, 112, 192])
+def test_int4_layout_unpacks_to_the_stored_codes(n):
+    c = rtn.rtn_codes(_w(n, 128), 4, 32, False)
+    t = int4_opaque_from_codes(c, torch.float32)
+    assert torch.equal(FP.int4_opaque_codes(t), c.q)
+
+
+def test_decode_kernels_by_dtype_and_rows():
+    c = rtn.rtn_codes(_w(), 4, 32, False)
+    t = int4_opaque_from_codes(c, torch.bfloat16)
+    assert FP.decode_kernel(t, torch.bfloat16) is FP.CANDIDATES["Int4OpaqueTensor"]["int4pack_mm (aten)"]
+    t8 = Int8RowTensor.from_codes(rtn.rtn_codes(_w(), 8, None, True), torch.bfloat16)
+    assert FP.decode_kernel(t8, torch.bfloat16) is FP.CANDIDATES["Int8RowTensor"]["int8pack_mm (aten)"]
+    p = PackedIntxTensor.from_codes(rtn.rtn_codes(_w(), 3, 32, False), torch.float32)
+    assert FP.decode_kernel(p, torch.float32) is FP.CANDIDATES["PackedIntxTensor"]["dequant+matmul"]
+    # every candidate computes the same function at one token
+    x = torch.randn(1, 128, dtype=torch.bfloat16)
+    ys = [fn(x, t).float() for fn in FP.CANDIDATES["Int4OpaqueTensor"].values()]
+    assert all((y - ys[0]).abs().max() <= 2e-2 * ys[0].abs().max() for y in ys)
+
+
+def _mlp(dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(128, 192, bias=False), nn.ReLU(), nn.Linear(192, 128, bias=True)).to(dtype)
+    for lin in (m[0], m[2]):
+        t, _ = pack(rtn.rtn_codes(lin.weight.detach().float(), 4, 32, False), dtype)
+        lin.weight = nn.Parameter(t, requires_grad=False)
     return m
 
 
-def _quantize(model, q: dict) -> None:
-    if q["method"] == "awq":  # AWQ's pre-scale lives on the weight; quantize one Linear at a time by hand
-        from torchao.prototype.awq import AWQConfig
-        from torchao.prototype.awq.core import AWQObservedLinear
-        from torchao.quantization import quantize_
-
-        from frontier.quantize import calibrated
-        from frontier.quantize.rtn import WeightOnlyConfig
-
-        base = WeightOnlyConfig(bits=q["bits"], group_size=32, kernel=False)
-        x = torch.randn(64, 128) * (1 + 10 * (torch.arange(128) % 17 == 0))  # a few salient channels
-        quantize_(model, AWQConfig(base, step="prepare"), filter_fn=lambda m, f: isinstance(m, nn.Linear))
-        model(x)
-        with torch.no_grad():
-            quantize_(model, AWQConfig(base, step="convert"), filter_fn=lambda m, f: isinstance(m, AWQObservedLinear))
-        for lin in model.layers:
-            lin.weight = nn.Parameter(calibrated.repack(lin.weight), requires_grad=False)
-        assert model.layers[0].weight.act_pre_scale is not None
-        return
-    from torchao.quantization import quantize_
-
-    quantize_(model, Q.torchao_config(q, "cpu"), filter_fn=lambda m, f: isinstance(m, nn.Linear))
-
-
-@pytest.mark.parametrize("q", [
-    {"method": "rtn", "bits": 8, "group_size": None, "symmetric": True},   # frontier Int8RowTensor kernel
-    {"method": "rtn", "bits": 4, "group_size": 32},                        # torchao Int4OpaqueTensor kernel
-    {"method": "rtn", "bits": 3, "group_size": 32},                        # packed codes (dequant storage)
-    {"method": "hqq", "bits": 4, "group_size": 32},
-    {"method": "awq", "bits": 4},                                          # activation pre-scale folded in
-    {"method": "awq", "bits": 3},
-], ids=["int8", "int4_g32", "int3_g32", "hqq4", "awq4", "awq3"])
-def test_dense_view_computes_the_kernel_function_and_restores_it(q):
-    model = _mlp()
-    _quantize(model, q)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    x = torch.randn(4, 16, 128)
+def test_no_dense_weight_is_kept_and_bytes_at_rest_do_not_change(monkeypatch):
+    monkeypatch.setattr(FP, "COMPILE_MIN_WEIGHTS", 0)  # route through the shared scratch where it can
+    FP._SCRATCH.clear()
+    m = _mlp()
+    at_rest = [checkpoint.tensor_bytes(lin.weight) for lin in (m[0], m[2])]
+    ids = [id(lin.weight.qdata) for lin in (m[0], m[2])]
+    x = torch.randn(4, 30, 128, requires_grad=True)
+    with torch.inference_mode():  # the scratch is first made here, then written by training below
+        m(x.detach())
+    m(x).pow(2).sum().backward()
     with torch.no_grad():
-        ref = model(x)
-    with dequant.dense_view(model) as names:
-        assert len(names) == 2
-        assert all(hasattr(lin, "_frontier_dense_weight") for lin in model.layers)
-        with torch.no_grad():
-            dense = model(x)
-    assert (dense - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
-    assert not any(hasattr(lin, "_frontier_dense_weight") or "forward" in lin.__dict__ for lin in model.layers)
-    with torch.no_grad():
-        assert torch.equal(model(x), ref)  # the kernels again, bit for bit
+        m(x[:, :1])
+    assert dequant.dense_attributes(m) == []
+    assert [checkpoint.tensor_bytes(lin.weight) for lin in (m[0], m[2])] == at_rest
+    assert [id(lin.weight.qdata) for lin in (m[0], m[2])] == ids
+    # at most one layer's dense weight: the shared scratch holds the largest layer (fp32 192 x 128)
+    assert FP.scratch_bytes() <= 4 * 192 * 128
 
 
-def test_dense_view_leaves_activation_quantized_weights_on_their_kernels():
-    model = _mlp()
-    _quantize(model, {"method": "w8a8", "bits": 8})
-    assert dequant.has_act_quant(model.layers[0].weight)
-    with dequant.dense_view(model) as names:
-        assert names == []
-    assert len(dequant.dense_linears(model, skip_act_quant=False)) == 2  # fine-tuning's choice
-    assert dequant.restore_kernels(model) == 2
-
-
-def test_dense_view_respects_the_size_cap_and_skips_plain_weights():
-    model = _mlp()
-    with dequant.dense_view(model) as names:
-        assert names == []  # nothing quantized
-    _quantize(model, {"method": "rtn", "bits": 4, "group_size": 32})
-    with dequant.dense_view(model, max_bytes=1000) as names:
-        assert names == []  # two fp32 128x96 copies need 98 KB
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="torch.compile needs a C compiler")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_compiled_dequantize_and_decode_kernels_compute_the_same_function(dtype, monkeypatch):
+    monkeypatch.setattr(FP, "COMPILE_MIN_WEIGHTS", 0)
+    monkeypatch.setenv(FP.COMPILE_ENV, "1")
+    FP._SCRATCH.clear()
+    for name, t, ref_w in [f[:3] for f in _formats(dtype) if f[0] in ("int8_row", "int4_g32", "hqq4_g64", "packed3_g32", "packed8_g32", "packed5_g64", "awq3")]:
+        for rows in (1, 40):
+            x = torch.randn(rows, t.shape[1], generator=torch.Generator().manual_seed(rows)).to(dtype)
+            pre = getattr(t, "act_pre_scale", None)
+            ref = (x.float() * (pre.float() if pre is not None else 1.0)) @ ref_w.T
+            with torch.no_grad():
+                y = F.linear(x, t)
+            assert (y.float() - ref).abs().max() / ref.abs().max() <= TOL[dtype], (name, rows)
+        d = FP.dense(t, dtype)
+        assert torch.equal(d, FP._dense(t, dtype, scratch=True))
+    assert FP._FAILED == set(), "a compiled kernel failed and fell back to eager"
+    n, k = 192, 128
+    assert FP.scratch_bytes() == n * k * torch.empty((), dtype=dtype).element_size()  # one layer, reused

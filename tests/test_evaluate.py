@@ -433,13 +433,12 @@ def test_run_quantized_and_linear_points(micro_chain, base_manifest, tmp_path):
     _, q8 = _run(micro_chain("int8", "softmax"), cfg, tmp_path, "int8")
     assert q8["status"] == "ok", q8["reason"]
     assert 8.0 <= q8["effective_bits"] < 10.0
-    # on CPU the quality metrics run on dequantized copies (eval.quality_weights: auto): the same
-    # numbers as through the int8 kernel; the cost ladder measures the kernel either way
-    assert q8["quality_weights"] == "dequantized"
-    _, k8 = _run(micro_chain("int8", "softmax"), {**cfg, "eval": {**cfg["eval"], "quality_weights": "kernel"}},
+    # quality and cost run the same quantized layers; the deprecated eval.quality_weights is ignored
+    assert q8["quality_weights"] == "kernel"
+    _, k8 = _run(micro_chain("int8", "softmax"), {**cfg, "eval": {**cfg["eval"], "quality_weights": "dequantized"}},
                  tmp_path, "int8k")
     assert k8["status"] == "ok" and k8["quality_weights"] == "kernel"
-    assert k8["quality"]["ppl"] == pytest.approx(q8["quality"]["ppl"], rel=1e-4)
+    assert k8["quality"]["ppl"] == pytest.approx(q8["quality"]["ppl"], rel=1e-6)
     assert k8["quality"]["recall_acc@64"] == q8["quality"]["recall_acc@64"]
     assert k8["weight_bytes"] == q8["weight_bytes"]
     _, lin = _run(micro_chain("none", "linear_elu"), cfg, tmp_path, "lin")

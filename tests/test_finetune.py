@@ -231,8 +231,9 @@ def _tiny_llama():
 
 
 def test_lora_trains_through_packed_int4_linears():
-    """torchao's CPU packed int4 kernel has no autograd formula; the patch gives it the exact
-    input gradient (that of the dense weight the kernel uses) without changing the forward."""
+    """torchao's CPU packed int4 kernel has no autograd formula; `quantize.fastpath` gives the
+    frozen linear the exact input gradient (that of the dense weight the kernel uses), so no
+    patch is needed and the forward is unchanged."""
     import torch
     import torch.nn.functional as F
     from torchao.quantization import quantize_
@@ -246,12 +247,13 @@ def test_lora_trains_through_packed_int4_linears():
     for p in model.parameters():
         p.requires_grad_(False)
     patched = lora.make_frozen_linears_differentiable(model)
-    assert len(patched) == 2 * 7  # q k v o gate up down per layer
+    assert patched == []  # every linear already differentiates (fastpath)
     assert torch.equal(logits_of(model, x), ref)
     lin = model.model.layers[0].self_attn.o_proj
     h = torch.randn(3, 64, requires_grad=True)
     lin(h).pow(2).sum().backward()
-    dense = F.linear(torch.eye(64), lin.weight).t()  # [out, in] as the kernel computes
+    w = lin.weight  # [out, in] as torch's int4 kernel computes it (the kernel itself, on the identity)
+    dense = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(64), w.qdata, w.block_size[1], w.scale_and_zero).t()
     h2 = h.detach().clone().requires_grad_(True)
     F.linear(h2, dense).pow(2).sum().backward()
     assert torch.allclose(h.grad, h2.grad, atol=1e-4)
@@ -277,15 +279,15 @@ def test_lora_trains_through_packed_int4_linears():
     assert all(torch.allclose(grads[False][n], grads[True][n], atol=1e-6) for n in grads[False])
 
 
-def test_dense_frozen_linears_compute_the_quantized_function():
-    """On CPU the worker trains on the frozen quantized linears' dequantized weights (torchao's CPU
-    kernels are slow at training sizes): the same function to float rounding, native autograd."""
+def test_frozen_quantized_linears_train_without_dense_copies():
+    """The worker trains through the quantized linears themselves: the same logits as the int4
+    kernel (float rounding), an input gradient from the weight dequantized on the fly, and no
+    dense tensor left on any module afterwards."""
     import torch
-    import torch.nn.functional as F
     from torchao.quantization import quantize_
     from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
 
-    from frontier.finetune import worker
+    from frontier import dequant
 
     model = _tiny_llama()
     quantize_(model, PrototypeInt4WeightOnlyConfig(group_size=32),
@@ -293,20 +295,18 @@ def test_dense_frozen_linears_compute_the_quantized_function():
     for p in model.parameters():
         p.requires_grad_(False)
     x = torch.randint(0, 128, (2, 16))
-    ref = logits_of(model, x)
-    assert worker.dense_frozen_linears(copy.deepcopy(model), max_bytes=0) == []  # over the cap: untouched
-    lin = model.model.layers[0].self_attn.o_proj
-    kernel_w = F.linear(torch.eye(64), lin.weight).t()
-    names = worker.dense_frozen_linears(model)
-    assert len(names) == 2 * 7 and worker.dense_frozen_linears(model) == names  # idempotent
-    assert "_frontier_dense_weight" not in dict(model.named_buffers()) and lin.weight.dtype == torch.float32
-    assert torch.equal(lin._frontier_dense_weight, kernel_w)
-    assert (logits_of(model, x) - ref).abs().max().item() < 1e-4
-    h = torch.randn(3, 64, requires_grad=True)
-    lin(h).pow(2).sum().backward()
-    h2 = h.detach().clone().requires_grad_(True)
-    F.linear(h2, kernel_w).pow(2).sum().backward()
-    assert torch.allclose(h.grad, h2.grad, atol=1e-5)
+    emb = model.model.embed_tokens.weight
+    emb.requires_grad_(True)  # a gradient must flow back through every quantized linear
+    out = model(input_ids=x).logits
+    out.pow(2).mean().backward()
+    assert emb.grad is not None and emb.grad.abs().sum() > 0
+    assert dequant.dense_attributes(model) == []
+    lin = model.model.layers[0].mlp.down_proj
+    w = lin.weight
+    kernel_w = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(128), w.qdata, 32, w.scale_and_zero).t()
+    h = torch.randn(20, 128)  # 20 rows: the dequantize + dense matmul path
+    with torch.no_grad():
+        torch.testing.assert_close(lin(h), h @ kernel_w.T, atol=1e-5, rtol=1e-5)
 
 
 def test_token_cache_is_token_splits(micro_base, tmp_path, monkeypatch):
@@ -392,8 +392,8 @@ def test_zero2_int4_run_writes_delta_and_transfer_mse_falls(int4_run):
     assert {"delta.safetensors", "lora.json", "train_log.jsonl"} <= set(m["files"])
     assert not finetune.resume_dir(out).exists()  # the .work resume dir is gone after success
     assert ft["phases_run"] == ["transfer", "lora"] and ft["world_size"] == 2 and ft["zero_stage"] == 2
-    assert ft["backend"] == "gloo" and ft["grad_patched_linears"] == 14  # packed int4 needed the patch
-    assert ft["dense_frozen_linears"] == 14  # CPU: trained on the dequantized weights
+    assert ft["backend"] == "gloo" and ft["grad_patched_linears"] == 0  # fastpath: int4 differentiates
+    assert "dense_frozen_linears" not in ft  # no dense copies (issue 15)
     delta = checkpoint.load_tensors(out / "delta.safetensors")
     assert any(".feature_map." in k for k in delta) and any(".lora_A." in k for k in delta)
     assert json.loads((out / "lora.json").read_text())["r"] == 4
@@ -424,7 +424,7 @@ def test_loss_falls_on_int4_quantized_frozen_base(int4_run):
     # single training batches are far too noisy (+-0.3) to compare first against last
     probe = ft["lm_loss_probe"]
     assert probe["last"] < probe["first"], probe
-    assert ft["grad_patched_linears"] == 14 and ft["trainable_params"]["lora"] > 0
+    assert ft["grad_patched_linears"] == 0 and ft["trainable_params"]["lora"] > 0
 
 
 @pytest.mark.slow
@@ -470,7 +470,7 @@ def test_zero3_two_processes(micro_chain, tmp_path):
     blocks = ft["transfer_blocks"]  # block_size null: every layer at once, one block
     assert blocks["block_size"] is None and [b["layers"] for b in blocks["blocks"]] == [[0, 1]]
     assert ft["zero3_partitioned_params"]["transfer"] > 0 and ft["zero3_partitioned_params"]["lora"] > 0
-    assert ft["grad_patched_linears"] == 0 and ft["dense_frozen_linears"] == 0
+    assert ft["grad_patched_linears"] == 0
     assert all(b < a for a, b in zip(ft["transfer_mse"]["first"], ft["transfer_mse"]["last"]))
     reload_matches_trained(out, debug, parent)  # ZeRO-3 partitions were gathered for the export
 
@@ -519,7 +519,7 @@ def test_lora_only_on_int4_base(int4_run, tmp_path):
                      debug_dir=debug)
     ft = m["finetune"]
     assert ft["phases_run"] == ["lora"] and ft["transfer_mse"] is None and ft["transfer_blocks"] is None
-    assert ft["grad_patched_linears"] == 14 and ft["offload_active"] == {"lora": False}
+    assert ft["grad_patched_linears"] == 0 and ft["offload_active"] == {"lora": False}
     delta = _delta(out)
     assert delta and all(".lora_A." in k or ".lora_B." in k for k in delta)
     assert json.loads((out / "lora.json").read_text())["r"] == 4

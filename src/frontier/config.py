@@ -337,10 +337,9 @@ class EvalCfg:
     kv_chunk: int = _f(32, ge=1, doc="quant.kv_bits < 16: perplexity, MQAR and recall prompts stream through the "
                        "quantized cache in chunks of this many tokens (each attends to the cache the earlier ones wrote)")
     quality_weights: str = _f("auto", choices=("auto", "kernel", "dequantized"),
-                              doc="weights the quality metrics (ppl, recall, harness) run on for a weight-only "
-                                  "quantized model: kernel = the low-bit kernels; dequantized = cached dequantized "
-                                  "copies (the same function at dense speed); auto = dequantized on CPU, kernel on "
-                                  "CUDA. The cost ladder always measures the kernels")
+                              doc="deprecated, ignored (kept so old configs validate): quality and cost now run "
+                                  "the same quantized layers, which dequantize on the fly at prefill shapes "
+                                  "(frontier.quantize.fastpath); no dense copies are made")
 
 
 @dataclass

@@ -1,30 +1,21 @@
-"""Dequantized views of frozen quantized linears: the CPU speed path of fine-tuning and evaluation.
+"""Facts about quantized linears shared by evaluation and fine-tuning; no dense copies any more.
 
-torchao's CPU low-bit kernels are built for decode (one token at a time); at prefill- and
-training-sized inputs they are slow: measured on the tiny model (1 thread, 512 tokens x
-128 -> 128) the packed int4 `_weight_int4pack_mm_for_cpu` takes ~12 ms and the int8 kernel
-~6 ms, against ~0.25 ms for the dense matmul. A frozen quantized weight is a constant, so a
-cached dequantized copy computes the same function (the same values the kernel multiplies
-with; outputs agree to float rounding, ~1e-6 relative) at dense speed.
+Evaluation and fine-tuning once ran CPU quantized models on cached dequantized copies of
+their weights, because the CPU low-bit kernels were 20-85x slower than a dense matmul at
+prefill and training sizes. The quantized layers now pick their computation by shape
+(`frontier.quantize.fastpath`: the low-bit kernel for a few rows, the weight dequantized on
+the fly + a dense matmul for many, a backward that dequantizes again), so quality, cost and
+training all run the same quantized layers and no format keeps a dense copy:
 
-Used on CPU by
-* fine-tuning (`finetune.worker`): the frozen quantized base trains through the copies;
-* evaluation (`evaluate`): perplexity, recall and harness tasks run on the copies under
-  `eval.quality_weights: auto` (CPU) while the cost ladder always measures the real kernels.
+* int8 (`Int8RowTensor`), 4-bit RTN/HQQ/GPTQ/AWQ (torchao `Int4OpaqueTensor`), every other bit
+  width (`PackedIntxTensor`), NF4 (bitsandbytes, `fastpath.NF4Linear`): shape-dispatched;
+* w8a8 / fp8 (activation-quantized): their own kernels (not weight-only functions);
+* a tensor type without an input gradient gets one from `finetune.lora` (through
+  `dense_weight`, on the fly).
 
-Weights whose function includes activation quantization (w8a8, fp8: `act_quant_kwargs`) are
-not weight-only: evaluation keeps their kernels (`skip_act_quant`). AWQ's activation pre-scale
-is folded into the copy (W·diag(pre_scale)), as the kernel applies it to the input.
+`eval.quality_weights` is kept for config compatibility and no longer changes anything.
 """
 from __future__ import annotations
-
-import contextlib
-import os
-import types
-from typing import Iterator, Optional
-
-DENSE_ENV = "FRONTIER_DENSE_MAX_MB"  # cap on the dense copies' size; 0 turns them off
-DENSE_MAX_MB = 2048
 
 
 def is_quantized_tensor(t) -> bool:
@@ -36,7 +27,7 @@ def is_quantized_tensor(t) -> bool:
 
 
 def has_quantized_weights(model) -> bool:
-    return any(is_quantized_tensor(p) for p in model.parameters())
+    return any(is_quantized_tensor(p) or type(p).__name__ == "Params4bit" for p in model.parameters())
 
 
 def has_act_quant(t) -> bool:
@@ -45,14 +36,16 @@ def has_act_quant(t) -> bool:
 
 
 def dense_weight(linear, dtype, device):
-    """[out, in] dense weight of a quantized linear, as the forward kernel sees it (AWQ's
-    activation pre-scale folded in)."""
+    """[out, in] dense weight of a quantized linear, as its forward applies it (AWQ's activation
+    pre-scale folded in), computed now and not kept."""
     import torch
     import torch.nn.functional as F
 
+    from .quantize import fastpath
+
     w = linear.weight
     try:
-        d = w.dequantize().to(dtype)
+        d = fastpath.dense(w, dtype)
     except Exception:  # noqa: BLE001 - tensor types without dequantize: ask the kernel itself
         eye = torch.eye(linear.in_features, dtype=dtype, device=device)
         with torch.no_grad():
@@ -60,70 +53,19 @@ def dense_weight(linear, dtype, device):
     pre = getattr(w, "act_pre_scale", None)
     if pre is not None:
         d = d * pre.to(device=d.device, dtype=dtype).reshape(1, -1)
-    return d
+    return d.to(device)
 
 
-def _dense_forward(self, x, *args, **kwargs):
-    import torch.nn.functional as F
-
-    return F.linear(x, self._frontier_dense_weight, self.bias)
-
-
-def _candidates(model, skip_act_quant: bool, frozen_only: bool) -> list:
+def dense_attributes(model) -> list:
+    """Names of modules holding a dense tensor attribute beside a quantized weight (none should:
+    the old cached copies were `_frontier_dense_weight`)."""
     import torch
 
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-            and is_quantized_tensor(getattr(m, "weight", None))
-            and not (frozen_only and m.weight.requires_grad)
-            and not (skip_act_quant and has_act_quant(m.weight))]
-
-
-def dense_linears(model, max_bytes: Optional[int] = None, *, skip_act_quant: bool = False,
-                  frozen_only: bool = True) -> list:
-    """Give every frozen quantized `nn.Linear` a forward on a cached dequantized copy of its weight
-    (a plain attribute: not a parameter or buffer, so neither DeepSpeed nor a delta sees it).
-    The copies cost the unquantized size of those weights, hence the cap (`FRONTIER_DENSE_MAX_MB`,
-    default 2048; 0: off): over it nothing is switched. Returns the names of the switched
-    modules; idempotent. `skip_act_quant`: leave w8a8/fp8 linears on their kernels; `frozen_only`:
-    only weights with requires_grad off (training: a trainable weight must not be shadowed)."""
-    import torch
-
-    if max_bytes is None:
-        max_bytes = int(float(os.environ.get(DENSE_ENV, DENSE_MAX_MB)) * 2 ** 20)
-    mods = _candidates(model, skip_act_quant, frozen_only)
-    todo = [(n, m) for n, m in mods if not hasattr(m, "_frontier_dense_weight")]
-
-    def dtype_of(m):
-        dt = getattr(m.weight, "dtype", torch.float32)
-        return dt if dt.is_floating_point else torch.float32
-
-    need = sum(m.in_features * m.out_features * torch.empty((), dtype=dtype_of(m)).element_size() for _, m in todo)
-    if not todo or need > max_bytes:
-        return [n for n, m in mods if hasattr(m, "_frontier_dense_weight")]
-    for _, m in todo:
-        with torch.no_grad():
-            m._frontier_dense_weight = dense_weight(m, dtype_of(m), m.weight.device).detach().contiguous()
-        m.forward = types.MethodType(_dense_forward, m)
-    return [n for n, _ in mods]
-
-
-def restore_kernels(model) -> int:
-    """Undo `dense_linears`: drop the copies, the kernels' forward is back. Returns how many."""
-    n = 0
-    for m in model.modules():
-        if hasattr(m, "_frontier_dense_weight"):
-            del m._frontier_dense_weight
-            m.__dict__.pop("forward", None)
-            n += 1
-    return n
-
-
-@contextlib.contextmanager
-def dense_view(model, max_bytes: Optional[int] = None, *, skip_act_quant: bool = True) -> Iterator[list]:
-    """`dense_linears` for the duration of the block (yields the switched names), then the kernels.
-    For inference: every quantized linear, whatever its requires_grad flag."""
-    names = dense_linears(model, max_bytes, skip_act_quant=skip_act_quant, frozen_only=False)
-    try:
-        yield names
-    finally:
-        restore_kernels(model)
+    out = []
+    for name, m in model.named_modules():
+        if not is_quantized_tensor(getattr(m, "weight", None)):
+            continue
+        extra = [k for k, v in vars(m).items() if isinstance(v, torch.Tensor) and k not in ("weight", "bias")]
+        if extra:
+            out.append(name)
+    return out

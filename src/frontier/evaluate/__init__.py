@@ -6,11 +6,11 @@
   synthetic long-context tasks of `eval.recall.tasks` (key-value recall, passkey, RULER-style
   needles, MQAR) at each `eval.recall.context_lens` (`recall`, `ruler`, `mqar`); the
   lm-evaluation-harness tasks of `eval.harness.tasks`, in-process on the loaded model
-  (`harness`, quality keys `harness.<task>.<metric>`). On CPU (`eval.quality_weights: auto`)
-  these run on cached dequantized copies of weight-only quantized linears
-  (`frontier.dequant`: the same function to float rounding, at dense speed; torchao's CPU
-  int4/int8 kernels are built for decode and are 20-50x slower at prefill shapes); w8a8/fp8
-  keep their kernels; `metrics.json` records `quality_weights: dequantized | kernel`;
+  (`harness`, quality keys `harness.<task>.<metric>`). Quality and cost run the same
+  quantized layers (`frontier.quantize.fastpath` picks the computation by shape: the low-bit
+  kernel for decode, the weight dequantized on the fly for prefill); `metrics.json` records
+  `quality_weights: kernel` for a quantized model (`eval.quality_weights` is accepted for
+  old configs and ignored: there are no dense copies any more);
 * cost: prefill latency, decode tokens/s, peak memory and cache/state bytes at each
   `eval.cost.context_lens` (`measure`), weight bytes, logical parameter count and the
   effective bits per decoder Linear weight;
@@ -26,7 +26,6 @@ Non-fatal problems (a recall task whose prompt cannot fit at some L, a harness f
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -117,16 +116,9 @@ def _evaluate(rec: dict, ckpt_dir: Path, cfg: dict, progress: bool) -> None:
             rec["attention_layers"] = {"keep_softmax": m["attention"].get("keep_softmax") or [],
                                        "diagnostics": m["attention"].get("diagnostics")}
     ev = cfg["eval"]
-    mode = ev.get("quality_weights", "auto")
-    if mode == "auto":
-        mode = "kernel" if device == "cuda" else "dequantized"
-    with (dequant.dense_view(model) if mode == "dequantized" else contextlib.nullcontext([])) as dense:
-        rec["quality_weights"] = ("dequantized" if dense else
-                                  "kernel" if dequant.has_quantized_weights(model) else None)
-        if dense:
-            log.info("quality metrics on dequantized copies of %d quantized linears (the cost ladder "
-                     "measures the kernels)", len(dense))
-        _quality(rec, model, tok, cfg, progress)
+    # one path for quality and cost: the quantized layers themselves (eval.quality_weights is ignored)
+    rec["quality_weights"] = "kernel" if dequant.has_quantized_weights(model) else None
+    _quality(rec, model, tok, cfg, progress)
     t = time.time()
     rec["costs"] = measure_costs(model, ev["cost"], seed=int(ev["recall"].get("seed", 0)), progress=progress,
                                  weight_bytes=rec["weight_bytes"], kv=kvcache.kv_spec(cfg["quant"]))

@@ -6,10 +6,11 @@ not wrapped in a `PeftModel`, so parameter names stay those of the plain model
 `LlamaForCausalLM` (`model.model.layers`, `generate()`).
 
 Quantized base: peft dispatches a torchao-weighted `nn.Linear` to its `TorchaoLoraLinear`
-(forward + training work; merging is not used). Some torchao CPU kernels have no autograd
-formula (torchao's prototype packed int4, `aten::_weight_int4pack_mm_for_cpu`): the gradient
-w.r.t. the input of such a frozen linear is then missing, which both phases need (it flows
-through `o_proj` into the feature maps, and through every layer into the LoRA adapters).
+(forward + training work; merging is not used). Both phases need the gradient w.r.t. the
+input of every frozen quantized linear (it flows through `o_proj` into the feature maps, and
+through every layer into the LoRA adapters). frontier's weight-only types and torchao's CPU
+`Int4OpaqueTensor` provide it (`quantize.fastpath`: grad_y @ W, W dequantized on the fly).
+For any other type whose kernel has no autograd formula,
 `make_frozen_linears_differentiable` probes each quantized linear once and, where backward
 fails, routes its forward through an autograd function whose backward is
 ``grad_x = grad_y @ W`` with W dequantized on the fly (via `dequantize()`, or recovered from

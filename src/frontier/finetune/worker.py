@@ -29,9 +29,10 @@ trajectory is the one of an uninterrupted run. A finished phase leaves its train
 in `<phase>_final.safetensors`. `FRONTIER_FT_STOP_AFTER=<global step>` makes every rank exit
 with status 3 right after the checkpoint of that step is written (tests, drills).
 
-CPU specifics: frozen torchao-quantized linears train on a cached dequantized copy of their
-weight (`dense_frozen_linears`: the CPU int4/int8 kernels cost ~20-50x a dense matmul at training
-sizes); torch runs the launcher's per-process thread count (OMP_NUM_THREADS, launch.worker_env).
+CPU specifics: frozen quantized linears train through the quantized layers themselves
+(`frontier.quantize.fastpath`: at training sizes the weight is dequantized on the fly for a
+dense matmul, and again in backward; no dense copy is kept); torch runs the launcher's
+per-process thread count (OMP_NUM_THREADS, launch.worker_env).
 
 Rank 0 alone writes the final checkpoint (`checkpoint.save_stage`: delta.safetensors,
 lora.json, train_log.jsonl, manifest) and then removes the `.work` directory.
@@ -100,24 +101,6 @@ def method_phases(ft: dict) -> tuple:
 
 class StopRequested(SystemExit):
     pass
-
-
-# ------------------------------------------------------------------ frozen quantized linears on CPU
-DENSE_ENV = "FRONTIER_FT_DENSE_MAX_MB"  # cap on the dense copies' size (MB); 0 turns them off
-
-
-def dense_frozen_linears(model, max_bytes: Optional[int] = None) -> list:
-    """Train the frozen quantized linears through cached dequantized copies of their weights
-    (`frontier.dequant.dense_linears`: same function, dense speed; torchao's CPU int4/int8 kernels
-    cost ~20-50x a dense matmul at training shapes and the int4 backward re-derived the dense
-    weight on every call). Capped by `FRONTIER_FT_DENSE_MAX_MB` (default 2048; 0: off). CPU only
-    (CUDA kernels are fast, and GPU memory is the point of quantizing). Returns the names of the
-    switched modules; idempotent."""
-    from ..dequant import DENSE_MAX_MB, dense_linears
-
-    if max_bytes is None:
-        max_bytes = int(float(os.environ.get(DENSE_ENV, DENSE_MAX_MB)) * 2 ** 20)
-    return dense_linears(model, max_bytes)
 
 
 # ------------------------------------------------------------------ objectives (DeepSpeed modules)
@@ -191,7 +174,6 @@ class Worker:
         self.run = None
         self.bar = None
         self.patched: list = []
-        self.dense: set = set()  # quantized linears training on their dequantized weight (dense_frozen_linears)
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -703,15 +685,13 @@ class Worker:
         return sum(1 for p in module.parameters() if hasattr(p, "ds_numel") and p.data.numel() < p.ds_numel)
 
     def _patch(self, model) -> list:
-        """Frozen quantized linears, before a phase trains: (1) `lora.make_frozen_linears_differentiable`
-        (a kernel without autograd gets an input gradient); (2) on CPU, `dense_frozen_linears` (the
-        training forward/backward use the dequantized weight). Returns the names (1) patched, over
-        every model this worker built (a reused model is not patched twice)."""
+        """Frozen quantized linears, before a phase trains: `lora.make_frozen_linears_differentiable`
+        (a kernel without autograd gets an input gradient; frontier's and torchao's CPU weight-only
+        types have one: `quantize.fastpath`). Returns the names patched, over every model this
+        worker built (a reused model is not patched twice)."""
         from . import lora
 
         names = lora.make_frozen_linears_differentiable(model)
-        if self.device.type == "cpu":
-            self.dense |= set(dense_frozen_linears(model))
         return sorted(set(self.patched) | set(names))
 
     def zero3_module_calls(self, model) -> int:
@@ -812,7 +792,7 @@ class Worker:
                 "offload_optimizer": bool(self.ft.get("offload_optimizer", False)),
                 "precision": self.ft["precision"], "device": self.device.type,
                 "backend": self.dist.get_backend(), "resumes": st.get("resumes", 0),
-                "grad_patched_linears": len(self.patched), "dense_frozen_linears": len(self.dense),
+                "grad_patched_linears": len(self.patched),
                 "zero3_partitioned_params": {p: phases[p].get("zero3_partitioned_params") for p in ran},
                 "offload_active": {p: phases[p].get("offload_active") for p in ran},
                 "ds_config": {p: phases[p].get("ds_config") for p in ran},

@@ -16,8 +16,11 @@ one override away):
 | w8a8 | torchao `Int8DynamicActivationInt8WeightConfig` | kernel (`torch._int_mm`) |
 | fp8  | torchao `Float8DynamicActivationFloat8WeightConfig(PerRow)` — CUDA sm89+ only | kernel |
 
-"kernel": the matmul reads the low-bit bytes; "dequant": the weight is stored at its bit
-width and dequantized to the activation dtype inside each forward (no kernel exists for it).
+"kernel": a low-bit kernel reads the bytes at decode; "dequant": no such kernel, the weight is
+stored at its bit width and dequantized to the activation dtype inside each forward. Either way
+every weight-only layer picks its computation by shape (`fastpath`): the decode kernel for a few
+rows, the weight dequantized on the fly + a dense matmul for prefill and training (no dense copy
+is kept), so quality, cost and fine-tuning run the same layers.
 `quant.kv_bits` (16 | 8 | 4 | 2) selects the KV cache at evaluation (`frontier.kvcache`,
 `frontier.kivi`); the quantize stage neither reads nor records it (its checkpoint serves every
 kv_bits).

@@ -23,6 +23,7 @@ import torch
 from torchao.core.config import AOBaseConfig
 from torchao.quantization.transform_module import register_quantize_module_handler
 
+from .fastpath import nf4_class
 from .tensors import Codes, choose_qparams, int4_kernel_ok, pack, quantize_with
 
 
@@ -130,7 +131,7 @@ def nf4_linear(lin: torch.nn.Linear, block_size: int):
     import bitsandbytes as bnb
 
     w = lin.weight.detach()
-    new = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=w.dtype,
+    new = nf4_class()(lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=w.dtype,
                             compress_statistics=True, quant_type="nf4", quant_storage=torch.uint8, device="meta")
     new.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4", blocksize=block_size,
                                    compress_statistics=True, quant_storage=torch.uint8)._quantize(w.device)
@@ -144,7 +145,7 @@ def nf4_linear_from_state(lin: torch.nn.Linear, data: torch.Tensor, stats: dict)
     import bitsandbytes as bnb
 
     dev = lin.weight.device
-    new = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+    new = nf4_class()(lin.in_features, lin.out_features, bias=lin.bias is not None,
                             compute_dtype=lin.weight.dtype, compress_statistics=True, quant_type="nf4",
                             quant_storage=torch.uint8, device="meta")
     new.weight = bnb.nn.Params4bit.from_prequantized(data.to(dev), stats, requires_grad=False, device=dev,

@@ -12,16 +12,18 @@ convention), and round with `quantize_with` (torchao's quantize_affine).
 `pack` turns codes into the tensor a `nn.Linear` keeps as its weight:
 
 * 4 bits, groups of 32/64/128, CPU: torchao's `Int4OpaqueTensor` (real packed int4, the
-  `aten._weight_int4pack_mm_for_cpu` kernel; "kernel" storage);
+  `aten._weight_int4pack_mm_for_cpu` kernel at decode; "kernel" storage);
 * 8 bits, symmetric, one scale per output row, CPU: `Int8RowTensor` (int8, the
-  `aten._weight_int8pack_mm` kernel; "kernel" storage);
+  `aten._weight_int8pack_mm` kernel at decode with bf16 activations; "kernel" storage);
 * anything else (3, 5, 6, 7 bits, other group sizes, asymmetric int8, CUDA):
   `PackedIntxTensor`, codes bit-packed to exactly ``bits`` bits per weight plus scales and
   zero points, dequantized on the fly inside `F.linear` ("dequant" storage).
 
 Both frontier tensor types are torchao `TorchAOBaseTensor`s (flatten/unflatten, `.to`,
 `detach`, `dequantize()`), carry an optional ``act_pre_scale`` (AWQ multiplies activations
-by it), and are registered as safe globals for `torch.load(weights_only=True)`.
+by it), and are registered as safe globals for `torch.load(weights_only=True)`. Their linear,
+and torchao `Int4OpaqueTensor`'s, is `fastpath.linear`: the kernel for a few rows, dequantize
+on the fly + dense matmul for many, differentiable w.r.t. the input.
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torchao.utils import TorchAOBaseTensor
+
+from . import fastpath
 
 aten = torch.ops.aten
 INT4_KERNEL_GROUPS = (32, 64, 128)
@@ -227,25 +231,13 @@ def _linear_args(args, kwargs):
 
 @PackedIntxTensor.implements(aten.linear.default)
 @PackedIntxTensor.implements_torch_function(F.linear)
-def _packed_linear(func, types, args, kwargs):
-    x, w, bias = _linear_args(args, kwargs)
-    if w.act_pre_scale is not None:
-        x = x * w.act_pre_scale
-    return F.linear(x, w.dequantize(x.dtype), bias)
-
-
 @Int8RowTensor.implements(aten.linear.default)
 @Int8RowTensor.implements_torch_function(F.linear)
-def _int8_linear(func, types, args, kwargs):
+def _quantized_linear(func, types, args, kwargs):
+    """Shape-dispatched (`fastpath`): the low-bit kernel for a few rows, dequantize + dense matmul
+    for many; differentiable w.r.t. the input (the weight dequantized again in backward)."""
     x, w, bias = _linear_args(args, kwargs)
-    if w.act_pre_scale is not None:
-        x = x * w.act_pre_scale
-    if x.device.type != "cpu" or x.requires_grad:
-        return F.linear(x, w.dequantize(x.dtype), bias)
-    lead = x.shape[:-1]
-    y = aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), w.qdata, w.scale.to(x.dtype))
-    y = y.reshape(*lead, w.shape[0])
-    return y + bias if bias is not None else y
+    return fastpath.linear(x, w, bias)
 
 
 # ------------------------------------------------------------------ int4 (torchao) from codes
@@ -286,13 +278,17 @@ def pack(c: Codes, dtype, device: str = "cpu"):
 
 
 KERNELS = {
-    "Int4OpaqueTensor": "aten._weight_int4pack_mm_for_cpu (torchao Int4OpaqueTensor, packed int4)",
-    "Int8RowTensor": "aten._weight_int8pack_mm (int8 weight, per-row scale)",
+    "Int4OpaqueTensor": ("torchao Int4OpaqueTensor (packed int4): aten._weight_int4pack_mm_for_cpu at <= 8 rows "
+                         "(bf16/fp16), else dequantized on the fly + dense matmul"),
+    "Int8RowTensor": ("int8 weight, per-row scale: aten._weight_int8pack_mm at <= 8 rows (bf16/fp16), an Inductor "
+                      "int8 reduction (fp32), else dequantized on the fly + dense matmul"),
     "PackedIntxTensor": "dequantize-on-the-fly (bit-packed codes -> dense weight -> F.linear)",
     "Int8Tensor": "torchao Int8Tensor (w8a8: per-token int8 activations, torch._int_mm)",
     "Float8Tensor": "torchao Float8Tensor (fp8 e4m3 weights and activations, torch._scaled_mm)",
     "Int4TilePackedTo4dTensor": "torchao Int4TilePackedTo4dTensor (CUDA tinygemm int4)",
-    "Params4bit": "bitsandbytes NF4 (matmul_4bit)",
+    "Params4bit": "bitsandbytes NF4: dequantize_4bit (bitsandbytes CPU kernel) on the fly + dense matmul on CPU, "
+                  "matmul_4bit on CUDA",
 }
 
 torch.serialization.add_safe_globals([PackedIntxTensor, Int8RowTensor])
+fastpath.register_int4_opaque()  # torchao's CPU int4 tensor: the same shape dispatch

@@ -79,8 +79,8 @@ SCHEMAS: dict[str, list[tuple[str, str, str]]] = {
         ("reason", "string", "why the point failed (`<ExceptionType>: message`); null when ok"),
         ("device", "string", "device the point was evaluated on (the `hardware` of its measured costs)"),
         ("quality_weights", "string", "what the quality metrics ran on for a quantized model: `kernel` (the "
-                                      "low-bit kernels) | `dequantized` (cached dequantized copies, the same "
-                                      "function; `eval.quality_weights`, default on CPU); null when unquantized"),
+                                      "quantized layers, the same ones the cost ladder times) | `dequantized` (cached "
+                                      "dense copies; only in results written before issue 15); null when unquantized"),
         ("metrics_path", "string", "the `metrics.json` the row was read from"),
         ("weight_bytes", "int64", "bytes of all parameters and buffers as stored (quantized tensors at "
                                   "their storage size)"),
