@@ -239,6 +239,8 @@ def test_lora_trains_through_packed_int4_linears():
     from torchao.quantization import quantize_
     from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
 
+    import frontier.quantize.tensors  # noqa: F401 - as loading a quantized checkpoint does: routes torchao int4 through fastpath
+
     model = _tiny_llama()
     quantize_(model, PrototypeInt4WeightOnlyConfig(group_size=32),
               filter_fn=lambda m, n: isinstance(m, torch.nn.Linear) and "lm_head" not in n)
@@ -287,6 +289,7 @@ def test_frozen_quantized_linears_train_without_dense_copies():
     from torchao.quantization import quantize_
     from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
 
+    import frontier.quantize.tensors  # noqa: F401 - as loading a quantized checkpoint does: routes torchao int4 through fastpath
     from frontier import dequant
 
     model = _tiny_llama()
