@@ -319,23 +319,10 @@ class TopKStateLayer(FamilyMaskSizes, KeyValidityMixin, DynamicLayer):
     def cumulative_length(self) -> int:  # tokens seen (every key is kept), for FamilyMaskSizes
         return self.get_seq_length()
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
-        self.keys = key_states[:, :, :0]
-        self.values = value_states[:, :, :0]
-        self.key_valid = torch.ones(key_states.shape[0], 0, dtype=torch.bool, device=key_states.device)
-
     def update_with_validity(
         self, key_states: torch.Tensor, value_states: torch.Tensor, key_valid: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        B, _, q, _ = key_states.shape
-        if key_valid is None:
-            key_valid = torch.ones(B, q, dtype=torch.bool, device=key_states.device)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        self.key_valid = torch.cat([self.key_valid, key_valid.to(torch.bool)], dim=-1)
+        self.keys, self.values, self.key_valid = self._append_with_validity(key_states, value_states, key_valid)
         return self.keys, self.values, self.key_valid
 
     def crop(self, tokens_to_remove: int) -> None:
