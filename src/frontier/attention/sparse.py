@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
+from ..cache_layer import TensorMapLayerMixin
 from .caches import FamilyMaskSizes
 from .modules import FrontierAttention, KeyValidityMixin, _ensure_cache_layer
 from .sparse_kernels import (
@@ -126,7 +127,7 @@ class SparseKV(NamedTuple):
     prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
 
 
-class GlobalLocalStateLayer(FamilyMaskSizes, CacheLayerMixin):
+class GlobalLocalStateLayer(FamilyMaskSizes, TensorMapLayerMixin, CacheLayerMixin):
     """Bounded cache of a "global prefix + local band" pattern, as a transformers cache layer.
 
     Keeps (all per row, ``B`` rows):
@@ -255,29 +256,10 @@ class GlobalLocalStateLayer(FamilyMaskSizes, CacheLayerMixin):
         self.cumulative_length = 0
         self.is_initialized = False
 
-    def offload(self):
-        if self.is_initialized:
-            for name in self._tensors():
-                setattr(self, name, getattr(self, name).to("cpu", non_blocking=True))
-
-    def prefetch(self):
-        if self.is_initialized and self.keys.device != self.device:
-            for name in self._tensors():
-                setattr(self, name, getattr(self, name).to(self.device, non_blocking=True))
-
-    def _map_batch(self, fn) -> None:
+    def _map_tensors(self, fn) -> None:  # for TensorMapLayerMixin
         if self.is_initialized:
             for name in self._tensors():
                 setattr(self, name, fn(getattr(self, name)))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_batch(lambda t: t[indices, ...])
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove == 0:
