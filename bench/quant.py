@@ -110,20 +110,10 @@ def _buffer(gib: float) -> torch.Tensor:
     return _BW_BUF[gib]
 
 
-def _best(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def read_bandwidth(gib: float = 0.5, repeats: int = 5) -> float:
     """Bytes/s of a streaming read (sum of a large fp32 tensor, current threads), best of repeats."""
     x = _buffer(gib)
-    return x.numel() * 4 / _best(lambda: x.sum(), repeats)
+    return x.numel() * 4 / S.best_time(lambda: x.sum(), repeats)
 
 
 def other_busy_cores(seconds: float = 1.0) -> float | None:
@@ -148,9 +138,9 @@ def bandwidth_calibration(gib: float = 0.5, repeats: int = 5) -> dict:
     x = _buffer(gib)
     y = torch.empty_like(x)
     n = x.numel() * 4
-    t_copy = _best(lambda: y.copy_(x), repeats)
-    out = {"sum_f32_read": n / _best(lambda: x.sum(), repeats) / 1e9,
-           "amax_f32_read": n / _best(lambda: x.amax(), repeats) / 1e9,
+    t_copy = S.best_time(lambda: y.copy_(x), repeats)
+    out = {"sum_f32_read": n / S.best_time(lambda: x.sum(), repeats) / 1e9,
+           "amax_f32_read": n / S.best_time(lambda: x.amax(), repeats) / 1e9,
            "copy_read_plus_write": 2 * n / t_copy / 1e9, "copy_counting_only_the_read": n / t_copy / 1e9}
     del y
     return {k: round(v, 2) for k, v in out.items()}
@@ -190,7 +180,7 @@ def kernel_only_s(model, repeats: int = 3) -> float:
     """Seconds for one pass over the model's quantized linears on a one-token input (best of repeats)."""
     lins = [m for _, m in Q._linears(model)]
     xs = {m.in_features: torch.randn(1, 1, m.in_features, dtype=torch.bfloat16) for m in lins}
-    return _best(lambda: [m(xs[m.in_features]) for m in lins], repeats)
+    return S.best_time(lambda: [m(xs[m.in_features]) for m in lins], repeats)
 
 
 def bytes_per_token(model, linear_bytes: int, context: float) -> float:

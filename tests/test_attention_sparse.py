@@ -20,9 +20,11 @@ from frontier.attention.sparse import (
     SinkWindowStateLayer,
     TopKAttention,
     TopKStateLayer,
+    normalize_sparse_config,
+)
+from frontier.attention.sparse_kernels import (
     block_sparse_attention,
     block_sparse_reference,
-    normalize_sparse_config,
     sink_window_attention,
     sink_window_reference,
     topk_attention,

@@ -34,7 +34,9 @@ LAYERS = 30
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def _best(fn, repeats: int) -> float:
+def best_time(fn, repeats: int) -> float:
+    """Seconds of the fastest of ``repeats`` calls of ``fn``, after one warm-up call (also used by
+    bench/quant.py)."""
     fn()
     best = float("inf")
     for _ in range(repeats):
@@ -79,10 +81,10 @@ def candidates(threads: int, layers: int = LAYERS, prefill_rows: int = 512, log=
             compiled = torch.compile(lambda x, w: F.linear(x, w), dynamic=False)
             with torch.inference_mode():
                 row["dense"] = {"eager F.linear": {
-                    "decode_ms_per_matrix": _best(lambda: [F.linear(x1, w) for w in dense], 5) / layers * 1e3,
-                    "prefill_ms_per_matrix": _best(lambda: [F.linear(xp, w) for w in dense[:2]], 2) / 2 * 1e3},
+                    "decode_ms_per_matrix": best_time(lambda: [F.linear(x1, w) for w in dense], 5) / layers * 1e3,
+                    "prefill_ms_per_matrix": best_time(lambda: [F.linear(xp, w) for w in dense[:2]], 2) / 2 * 1e3},
                     "torch.compile F.linear (not what the model runs)": {
-                    "decode_ms_per_matrix": _best(lambda: [compiled(x1, w) for w in dense], 5) / layers * 1e3,
+                    "decode_ms_per_matrix": best_time(lambda: [compiled(x1, w) for w in dense], 5) / layers * 1e3,
                     "prefill_ms_per_matrix": None}}
             del dense
             fmts = [_formats(w, dtype) for w in ws]
@@ -92,10 +94,10 @@ def candidates(threads: int, layers: int = LAYERS, prefill_rows: int = 512, log=
                 row[fname] = {}
                 with torch.inference_mode():
                     for cname, fn in FP.CANDIDATES[key].items():
-                        dec = _best(lambda: [fn(x1, o) for o in objs], 3) / layers
+                        dec = best_time(lambda: [fn(x1, o) for o in objs], 3) / layers
                         est = dec * prefill_rows  # a kernel slower per row than this is not timed at 512 rows
                         pre = None if (est > 0.5 and cname != "dequant+matmul") else \
-                            _best(lambda: [fn(xp, o) for o in objs[:2]], 2) / 2
+                            best_time(lambda: [fn(xp, o) for o in objs[:2]], 2) / 2
                         row[fname][cname] = {"decode_ms_per_matrix": dec * 1e3,
                                              "prefill_ms_per_matrix": None if pre is None else pre * 1e3}
                     if fname == "nf4" and dtype == torch.bfloat16:
@@ -105,8 +107,8 @@ def candidates(threads: int, layers: int = LAYERS, prefill_rows: int = 512, log=
                                                   device="meta")
                             m.weight = copy.deepcopy(o.p)
                             mods.append(m.eval())
-                        dec = _best(lambda: _bnb_gemv(mods, x1), 5) / layers
-                        pre = _best(lambda: _bnb_gemv(mods[:2], xp), 2) / 2
+                        dec = best_time(lambda: _bnb_gemv(mods, x1), 5) / layers
+                        pre = best_time(lambda: _bnb_gemv(mods[:2], xp), 2) / 2
                         row[fname]["bitsandbytes gemv_4bit (repacked in place, bf16)"] = {
                             "decode_ms_per_matrix": dec * 1e3, "prefill_ms_per_matrix": pre * 1e3,
                             "note": "repacks the weight at its first inference forward (absmax to bf16, "
@@ -191,7 +193,7 @@ def quantize(model, method: str, compose) -> dict:
 @torch.inference_mode()
 def _prefill_s(model, L: int, repeats: int) -> float:
     ids = torch.randint(0, model.config.vocab_size, (1, L), generator=torch.Generator().manual_seed(L))
-    return _best(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1), repeats)
+    return best_time(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1), repeats)
 
 
 @torch.inference_mode()

@@ -44,6 +44,8 @@ from typing import Optional
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from .cache_layer import TensorMapLayerMixin
+
 KIVI_BITS = (2, 4)
 SCALE_DTYPE = torch.float16  # KIVI keeps scales and zero points (its "mn") in fp16
 
@@ -137,7 +139,7 @@ def dequantize_values_t(codes, scale, zero, bits: int, group: int, out: Optional
 
 
 # ------------------------------------------------------------------ the cache layer
-class KiviLayer(DynamicLayer):
+class KiviLayer(TensorMapLayerMixin, DynamicLayer):
     """A growing KV cache layer with KIVI 2/4-bit packed keys/values and a full-precision residual."""
 
     is_croppable = False
@@ -260,23 +262,7 @@ class KiviLayer(DynamicLayer):
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("KiviLayer cannot be cropped (packed blocks; assisted decoding is unsupported)")
 
-    def _select(self, fn) -> None:
+    def _map_tensors(self, fn) -> None:  # for TensorMapLayerMixin
         if self.is_initialized:
             (self.key_codes, self.key_scale, self.key_zero, self.value_codes, self.value_scale,
              self.value_zero, self.keys, self.values) = (fn(t) for t in self._tensors())
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._select(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select(lambda t: t[indices, ...])
-
-    def offload(self):
-        self._select(lambda t: t.to("cpu", non_blocking=True))
-
-    def prefetch(self):
-        if self.is_initialized and self.keys.device != self.device:
-            self._select(lambda t: t.to(self.device, non_blocking=True))

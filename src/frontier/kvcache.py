@@ -36,6 +36,8 @@ from typing import Optional
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from .cache_layer import TensorMapLayerMixin
+
 KV_BITS = (16, 8, 4, 2)
 KV_KEYS = ("kv_bits", "kv_group", "kv_residual")  # quant.* keys read at evaluation only
 
@@ -51,7 +53,7 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype) -> torch.Tensor
     return (q.to(torch.float32) * scale).to(dtype)
 
 
-class Int8KVLayer(DynamicLayer):
+class Int8KVLayer(TensorMapLayerMixin, DynamicLayer):
     """A dynamic (growing) KV layer kept as int8 codes + per-token/per-head scales.
 
     `keys` / `values` hold the int8 codes ([B, H_kv, T, D]); `key_scale` / `value_scale`
@@ -112,27 +114,10 @@ class Int8KVLayer(DynamicLayer):
         self.keys, self.values = self.keys[..., :-n, :], self.values[..., :-n, :]
         self.key_scale, self.value_scale = self.key_scale[..., :-n, :], self.value_scale[..., :-n, :]
 
-    def _select(self, fn) -> None:
+    def _map_tensors(self, fn) -> None:  # for TensorMapLayerMixin
         if self.get_seq_length() > 0:
             self.keys, self.values = fn(self.keys), fn(self.values)
             self.key_scale, self.value_scale = fn(self.key_scale), fn(self.value_scale)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._select(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select(lambda t: t[indices, ...])
-
-    def offload(self):
-        if self.is_initialized:
-            self._select(lambda t: t.to("cpu", non_blocking=True))
-
-    def prefetch(self):
-        if self.is_initialized and self.keys.device != self.device:
-            self._select(lambda t: t.to(self.device, non_blocking=True))
 
 
 class Int8KVCache(DynamicCache):

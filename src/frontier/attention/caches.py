@@ -152,10 +152,32 @@ class LinearStateLayer(FamilyMaskSizes, CacheLayerMixin):
 
 class KeyValidityMixin:
     """Keeps a ``[B, n]`` bool ``key_valid`` buffer beside a transformers KV cache layer's keys:
+    the layer starts empty, ``_append_with_validity`` gives the cached keys followed by new ones,
     ``update`` goes through the subclass's ``update_with_validity`` and the batch operations of
     beam search / multiple sequences apply to the buffer too."""
 
     key_valid: torch.Tensor | None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.keys = key_states[:, :, :0]
+        self.values = value_states[:, :, :0]
+        self.key_valid = torch.ones(key_states.shape[0], 0, dtype=torch.bool, device=key_states.device)
+
+    def _append_with_validity(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, key_valid: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The cached keys, values and validity followed by the new ones (``key_valid`` None: all
+        valid), initializing the layer on first use; stores nothing."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        B, _, q, _ = key_states.shape
+        if key_valid is None:
+            key_valid = torch.ones(B, q, dtype=torch.bool, device=key_states.device)
+        full_k = torch.cat([self.keys, key_states], dim=-2)
+        full_v = torch.cat([self.values, value_states], dim=-2)
+        full_valid = torch.cat([self.key_valid, key_valid.to(torch.bool)], dim=-1)
+        return full_k, full_v, full_valid
 
     def update(self, key_states, value_states, *args, **kwargs):
         keys, values, _ = self.update_with_validity(key_states, value_states, kwargs.get("key_valid"))
@@ -192,24 +214,11 @@ class SlidingWindowStateLayer(FamilyMaskSizes, KeyValidityMixin, DynamicSlidingW
         super().__init__(sliding_window=sliding_window)
         self.key_valid: torch.Tensor | None = None
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
-        self.keys = key_states[:, :, :0]
-        self.values = value_states[:, :, :0]
-        self.key_valid = torch.ones(key_states.shape[0], 0, dtype=torch.bool, device=key_states.device)
-
     def update_with_validity(
         self, key_states: torch.Tensor, value_states: torch.Tensor, key_valid: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        B, _, q, _ = key_states.shape
-        if key_valid is None:
-            key_valid = torch.ones(B, q, dtype=torch.bool, device=key_states.device)
-        self.cumulative_length += q
-        full_k = torch.cat([self.keys, key_states], dim=-2)
-        full_v = torch.cat([self.values, value_states], dim=-2)
-        full_valid = torch.cat([self.key_valid, key_valid.to(torch.bool)], dim=-1)
+        full_k, full_v, full_valid = self._append_with_validity(key_states, value_states, key_valid)
+        self.cumulative_length += key_states.shape[-2]
         keep = self.sliding_window - 1
         start = max(full_k.shape[-2] - keep, 0)
         self.keys = full_k[:, :, start:]

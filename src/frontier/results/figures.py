@@ -14,22 +14,13 @@ from plotly.subplots import make_subplots
 
 from frontier.results.families import fam_rank, hex_color
 from frontier.results.fronts import pareto_front
-from frontier.results.labels import METRIC_WORDS, RECALL, fmt_cost, fmt_q, is_num, recall_sort_key
+from frontier.results.labels import COST_PANELS, METRIC_WORDS, RECALL, fmt_cost, fmt_q, is_num, recall_sort_key
 from frontier.results.schema import cost_lower_is_better
 
 FRONT_COLOR = "#d62728"
 LSTAR_COLOR = "#b00020"
-# (costs metric, crossover metric, axis title, transform) per source, as in the PNGs
-COST_PANELS = {
-    "measured": [("prefill_ms", "prefill_ms", "prefill latency (ms)", None),
-                 ("decode_tok_s", "decode_s", "decode latency (ms / token)", lambda v: 1000.0 / v if v > 0 else None),
-                 ("state_bytes", "state_bytes", "KV cache / state (bytes)", None),
-                 ("peak_mem_bytes", "peak_mem_bytes", "peak memory (bytes)", None)],
-    "modelled": [("prefill_s", "prefill_s", "prefill latency (s)", None),
-                 ("decode_s", "decode_s", "decode latency (s / token)", None),
-                 ("state_bytes", "state_bytes", "KV cache / state (bytes)", None),
-                 ("peak_mem_bytes", "peak_mem_bytes", "weights + state (bytes)", None)],
-}
+
+
 def point_hover(r: dict, label: str, recall_col: str | None) -> str:
     """The hover text of a point: label, family, the config choices and the numbers."""
     e = html.escape

@@ -17,6 +17,18 @@ METRIC_WORDS = {"prefill_ms": "prefill latency", "prefill_s": "prefill latency",
 XO_METRICS = {"measured": ("prefill_ms", "decode_s", "state_bytes", "peak_mem_bytes"),
               "modelled": ("prefill_s", "decode_s", "state_bytes", "peak_mem_bytes")}
 LATENCY = {"prefill_ms", "prefill_s", "decode_s"}
+# the cost-vs-L panels per source (report.html and the PNGs): (costs metric, crossover metric,
+# axis title, transform of the value)
+COST_PANELS = {
+    "measured": [("prefill_ms", "prefill_ms", "prefill latency (ms)", None),
+                 ("decode_tok_s", "decode_s", "decode latency (ms / token)", lambda v: 1000.0 / v if v > 0 else None),
+                 ("state_bytes", "state_bytes", "KV cache / state (bytes)", None),
+                 ("peak_mem_bytes", "peak_mem_bytes", "peak memory (bytes)", None)],
+    "modelled": [("prefill_s", "prefill_s", "prefill latency (s)", None),
+                 ("decode_s", "decode_s", "decode latency (s / token)", None),
+                 ("state_bytes", "state_bytes", "KV cache / state (bytes)", None),
+                 ("peak_mem_bytes", "peak_mem_bytes", "weights + state (bytes)", None)],
+}
 # the frontier panels after weight bytes, per source: (costs metric, axis words); report.html and
 # the W&B report title them "<axis> at L = <L>"
 FRONT_AXES = {

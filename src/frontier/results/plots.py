@@ -9,7 +9,8 @@ from pathlib import Path
 
 from frontier.results.families import color, fam_rank
 from frontier.results.fronts import pareto_front
-from frontier.results.labels import METRIC_WORDS, RECALL, human_bytes, is_num, recall_sort_key, short_labels
+from frontier.results.labels import (COST_PANELS, METRIC_WORDS, RECALL, human_bytes, is_num, recall_sort_key,
+                                     short_labels)
 from frontier.results.parquet_io import atomic_save, read_rows
 from frontier.results.schema import cost_lower_is_better
 
@@ -88,19 +89,6 @@ def _placeholder(out_dir: Path, name: str, message: str) -> Path:
     return _save(fig, Path(out_dir) / f"{name}.png")
 
 
-# cost-vs-L panels: (costs metric, crossover metric, y label, transform of the value)
-_COST_PANELS = {
-    "measured": [("prefill_ms", "prefill_ms", "prefill latency (ms)", None),
-                 ("decode_tok_s", "decode_s", "decode latency (ms / token)", lambda v: 1000.0 / v if v > 0 else None),
-                 ("state_bytes", "state_bytes", "KV cache / state (bytes)", None),
-                 ("peak_mem_bytes", "peak_mem_bytes", "peak memory (bytes)", None)],
-    "modelled": [("prefill_s", "prefill_s", "prefill latency (s)", None),
-                 ("decode_s", "decode_s", "decode latency (s / token)", None),
-                 ("state_bytes", "state_bytes", "KV cache / state (bytes)", None),
-                 ("peak_mem_bytes", "peak_mem_bytes", "weights + state (bytes)", None)],
-}
-
-
 def _cost_vs_l(out_dir: Path, name: str, source: str, costs: list[dict], cross: list[dict],
                fam: dict[str, str | None]) -> Path | None:
     """Cost against L, one line per point coloured by family (family representatives thick),
@@ -109,7 +97,7 @@ def _cost_vs_l(out_dir: Path, name: str, source: str, costs: list[dict], cross: 
     hws = sorted({str(c["hardware"]) for c in rows})
     if not hws:
         return None
-    panels = [p for p in _COST_PANELS[source] if any(c["metric"] == p[0] for c in rows)]
+    panels = [p for p in COST_PANELS[source] if any(c["metric"] == p[0] for c in rows)]
     if not panels:
         return None
     plt = _plt()
