@@ -292,3 +292,21 @@ def test_run_row_carries_hybrid_layer_choice_and_diagnostics():
     assert "attn.entropy" not in run_row({**m, "attention_layers": {"keep_softmax": [], "diagnostics": None}}, "s") or \
         run_row({**m, "attention_layers": {"keep_softmax": [], "diagnostics": None}}, "s")["attn.entropy"] is None
     assert not any(k.startswith("attn.") for k in run_row({**m, "attention_layers": None}, "s"))
+
+
+def test_merge_survives_snakemake_deleting_the_outputs(collected):
+    """Snakemake removes a rule's outputs before it reruns it: collect still merges, from the
+    metrics files listed in its ledger (not an output), dropping points whose file is gone."""
+    tmp_path, out, _ = collected
+    for f in out.glob("*.parquet"):
+        f.unlink()
+    new = metrics("int4_g32", "linear_elu", 10.9, (0.5, 0.2), 70_000, linear_prefill, lambda L: 4352)
+    new["point_id"] = "tiny/int4_g32/linear_elu/none/default"
+    gone = write(tmp_path, [FAIL])[0]
+    gone.unlink()
+    summary = collect.run("demo", write(tmp_path / "second", [new]), out, modelled_context_lens=[])
+    rows = by_id(pq.read_table(out / "runs.parquet").to_pylist())
+    assert set(rows) == {m["point_id"] for m in (BASE, QNT, LIN, COMB, new)}
+    assert summary["kept"] == 4 and summary["new_or_updated"] == 1
+    meas = [c for c in pq.read_table(out / "costs.parquet").to_pylist() if c["source"] == "measured"]
+    assert {c["point_id"] for c in meas} == {m["point_id"] for m in (BASE, QNT, LIN, COMB, new)}

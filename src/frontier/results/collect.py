@@ -49,7 +49,16 @@ def run(sweep: str, metrics_paths: list[str | Path], out_dir: Path,
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics, warnings = load_metrics(metrics_paths)
+    # Snakemake deletes a rule's outputs (the Parquet files) before it runs the rule again, so
+    # the merge with earlier collects also reads the metrics files those collected, listed in a
+    # ledger that is not an output (points whose metrics.json is gone are dropped)
+    given = [str(p) for p in metrics_paths]
+    earlier = [p for p in _read_ledger(out_dir) if p not in set(given) and Path(p).is_file()]
+    runs_path, costs_path = out_dir / "runs.parquet", out_dir / "costs.parquet"
+    rebuilt: list[dict] = []
+    if earlier and not runs_path.exists():
+        rebuilt, _ = load_metrics(earlier)
+    metrics, warnings = load_metrics(given)
     # the last file wins for a duplicated point_id
     by_id: dict[str, dict] = {}
     for m in metrics:
@@ -59,14 +68,17 @@ def run(sweep: str, metrics_paths: list[str | Path], out_dir: Path,
     new_runs = [run_row(m, sweep) for m in by_id.values()]
     new_measured = [r for m in by_id.values() for r in measured_cost_rows(m)]
 
-    runs_path, costs_path = out_dir / "runs.parquet", out_dir / "costs.parquet"
     kept_runs: list[dict] = []
     kept_measured: list[dict] = []
     kept_modelled_no_cfg: list[dict] = []
     if runs_path.exists():
         kept_runs = [r for r in pq.read_table(runs_path).to_pylist() if r["point_id"] not in new_ids]
+    else:  # rebuilt from the ledger's metrics files
+        old = {m["point_id"]: m for m in rebuilt if m["point_id"] not in new_ids}
+        kept_runs = [run_row(m, sweep) for m in old.values()]
+        kept_measured = [r for m in old.values() for r in measured_cost_rows(m)]
     kept_ids = {r["point_id"] for r in kept_runs}
-    if costs_path.exists():
+    if costs_path.exists() and runs_path.exists():
         no_cfg = {r["point_id"] for r in kept_runs if not r.get("config_json")}
         for c in pq.read_table(costs_path).to_pylist():
             if c["point_id"] not in kept_ids:
@@ -109,6 +121,7 @@ def run(sweep: str, metrics_paths: list[str | Path], out_dir: Path,
     atomic_write(table(costs, COSTS_SCHEMA), costs_path, meta)
     atomic_write(table(frontier, FRONTIER_SCHEMA), out_dir / "frontier.parquet", meta)
     atomic_write(table(cross, CROSSOVER_SCHEMA), out_dir / "crossover.parquet", meta)
+    _write_ledger(out_dir, sorted({*earlier, *given}))
     for w in warnings:
         log.warning("collect: %s", w)
     summary = {
@@ -129,6 +142,24 @@ def run(sweep: str, metrics_paths: list[str | Path], out_dir: Path,
     if tracking and tracking.get("mode", "disabled") != "disabled":
         _mirror_to_wandb(summary, runs, frontier, cross, tracking, work_dir)
     return summary
+
+
+LEDGER = "collected.json"
+
+
+def _read_ledger(out_dir: Path) -> list[str]:
+    try:
+        return [str(p) for p in json.loads((out_dir / LEDGER).read_text())["metrics_paths"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def _write_ledger(out_dir: Path, paths: list[str]) -> None:
+    import os
+
+    tmp = out_dir / f".{LEDGER}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"metrics_paths": paths}, indent=1))
+    os.replace(tmp, out_dir / LEDGER)
 
 
 def _mirror_to_wandb(summary: dict, runs: list[dict], frontier: list[dict], cross: list[dict],
