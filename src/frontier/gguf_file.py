@@ -20,7 +20,6 @@ import functools
 import hashlib
 import os
 from pathlib import Path
-from typing import Optional
 
 from . import checkpoint
 from .config import ConfigError
@@ -192,11 +191,3 @@ def convert(m: dict, dtype):
         model.tie_weights()
     del loaded
     return model.to(dtype).eval(), tok
-
-
-def base_size_hint(m: dict) -> Optional[int]:
-    """Bytes of the GGUF file (for resource estimates), or None when it cannot be found."""
-    try:
-        return resolve(m).stat().st_size
-    except (ConfigError, OSError):
-        return None
