@@ -304,6 +304,8 @@ class RecallCfg:
                                 "null: spread evenly over [0.1, 0.9]")
     needle: NeedleCfg = _f({})
     mqar: MqarCfg = _f({})
+    task_max_len: dict = _f({}, doc="{task: L}: run that task only at the context_lens <= L (a long ladder "
+                            "for some tasks, a short one for the rest); tasks not named use every L")
 
 
 @dataclass
@@ -706,6 +708,13 @@ def _validate_eval_tasks(ev: dict) -> None:
             raise ConfigError(f"eval.recall.tasks[{i}]", f"unknown task {t!r}; allowed: {', '.join(RECALL_TASKS)}")
     if len(set(tasks)) != len(tasks):
         raise ConfigError("eval.recall.tasks", f"lists a task twice: {tasks}")
+    for t, L in (rc.get("task_max_len") or {}).items():
+        if t not in tasks:
+            raise ConfigError(f"eval.recall.task_max_len.{t}", f"names a task not in eval.recall.tasks; "
+                                                               f"allowed: {', '.join(tasks)}")
+        if not isinstance(L, int) or isinstance(L, bool) or L < min(rc["context_lens"]):
+            raise ConfigError(f"eval.recall.task_max_len.{t}", f"must be an integer >= the smallest context "
+                                                               f"length {min(rc['context_lens'])}, got {L!r}")
     depths = rc.get("depths")
     if depths is not None and (not depths or not all(isinstance(d, (int, float)) and not isinstance(d, bool)
                                                       and 0 <= d <= 1 for d in depths)):

@@ -305,7 +305,8 @@ def evaluate_recall(model, tokenizer, recall_cfg: dict, *, tasks: Optional[Seque
 
     A context length above the model's max_position_embeddings is skipped; a prompt that
     cannot fit at all in L (its fixed text alone is longer, e.g. MQAR's pairs) is skipped with
-    a warning, also appended to `warnings` when given.
+    a warning, also appended to `warnings` when given. `eval.recall.task_max_len` {task: L}
+    limits a task to the context lengths <= L.
     """
     tasks = tuple(recall_cfg.get("tasks", DEFAULT_TASKS) if tasks is None else tasks)
     for t in tasks:
@@ -313,7 +314,8 @@ def evaluate_recall(model, tokenizer, recall_cfg: dict, *, tasks: Optional[Seque
             raise ValueError(f"unknown recall task {t!r}; allowed: {', '.join(TASKS)}")
     opts = task_options(recall_cfg)
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    jobs = [(L, t) for L in recall_cfg["context_lens"] for t in tasks]
+    max_len = recall_cfg.get("task_max_len") or {}
+    jobs = [(L, t) for L in recall_cfg["context_lens"] for t in tasks if L <= max_len.get(t, L)]
     bar = None
     if progress:
         try:
