@@ -261,6 +261,10 @@ def test_recall_accuracy_runs_and_skips_long_contexts(tok, model):
     assert set(out) == {"recall_acc@64", "passkey_acc@64"}
     with pytest.raises(ValueError, match="allowed: kv, kv_text, passkey"):
         recall.evaluate_recall(model, tok, {**cfg, "tasks": ["needle"]}, progress=False)
+    # task_max_len: passkey on the whole ladder, kv only up to 64
+    out = recall.evaluate_recall(model, tok, {"context_lens": [64, 128], "samples": 1, "seed": 0,
+                                              "tasks": ["kv", "passkey"], "task_max_len": {"kv": 64}}, progress=False)
+    assert set(out) == {"recall_acc@64", "passkey_acc@64", "passkey_acc@128"}
 
 
 def test_eval_config_validation():
@@ -287,6 +291,8 @@ def test_eval_config_validation():
     bad("eval.recall.needle", {"keys": 1}, r"eval.recall.needle.keys.*>= 2")
     bad("eval.recall.mqar", {"pairs": 0}, r"eval.recall.mqar.pairs.*>= 1")
     bad("eval.recall.mqar", {"queries": 2, "pairz": 3}, r"eval.recall.mqar.pairz.*unknown key")
+    bad("eval.recall.task_max_len", {"kv_text": 64}, r"eval.recall.task_max_len.kv_text.*not in eval.recall.tasks; allowed: kv, passkey, needle_single")
+    bad("eval.recall.task_max_len", {"passkey": 8}, r"eval.recall.task_max_len.passkey.*>= the smallest context length")
     bad("eval.harness.tasks", ["arc_easy", 3], r"eval.harness.tasks")
     bad("eval.harness.on_error", "ignore", r"eval.harness.on_error.*fail, warn")
     bad("eval.harness.limit", 2.5, r"eval.harness.limit")
