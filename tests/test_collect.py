@@ -310,3 +310,46 @@ def test_merge_survives_snakemake_deleting_the_outputs(collected):
     assert summary["kept"] == 4 and summary["new_or_updated"] == 1
     meas = [c for c in pq.read_table(out / "costs.parquet").to_pylist() if c["source"] == "measured"]
     assert {c["point_id"] for c in meas} == {m["point_id"] for m in (BASE, QNT, LIN, COMB, new)}
+
+
+def kv_point(bits: int, ppl: float) -> dict:
+    """A softmax point of BASE's model with a `bits`-bit KV cache (family kv_quant): its state
+    shrinks by ~16/bits, its prefill is BASE's."""
+    m = metrics("none", "softmax", ppl, (1.0, 0.8), 200_000, softmax_prefill, lambda L: 256 * L * bits // 16,
+                overrides={"quant.kv_bits": bits})
+    m["config"]["quant"] = {**QUANT["none"], "kv_bits": bits, "kv_group": 32, "kv_residual": 32}
+    return m
+
+
+def test_crossover_against_kv_bits(tmp_path):
+    """Level kv_bits: the best linear / hybrid point against the best kv_quant point of each bit
+    width, matched or not (the family level keeps only the best kv_quant point)."""
+    kv2, kv4 = kv_point(2, 11.4), kv_point(4, 10.1)
+    hyb = metrics("none", "linear_elu", 10.3, (0.9, 0.7), 201_000, lambda L: 3.0 + 0.01 * L + 2e-5 * L * L,
+                  lambda L: 4352 + 64 * L, overrides={"attention.keep_softmax": "[0]"})
+    hyb["attention_layers"] = {"keep_softmax": [0]}
+    hyb["config"]["attention"] = {**ATTN["linear_elu"], "keep_softmax": [0]}
+    out = tmp_path / "results" / "kv"
+    collect.run("kv", write(tmp_path, [BASE, LIN, kv2, kv4, hyb]), out, modelled_context_lens=[])
+    rows = pq.read_table(out / "crossover.parquet").to_pylist()
+    kv = [r for r in rows if r["level"] == "kv_bits" and r["source"] == "measured" and r["metric"] == "prefill_ms"]
+    pairs = {(frozenset((r["point_a"], r["point_b"])), r["kv_bits"]) for r in kv}
+    assert pairs == {(frozenset((a["point_id"], k["point_id"])), b)
+                     for a in (LIN, hyb) for k, b in ((kv2, 2), (kv4, 4))}
+    lin2 = next(r for r in kv if r["kv_bits"] == 2 and LIN["point_id"] in (r["point_a"], r["point_b"]))
+    # the linear point overtakes the softmax 2-bit cache's quadratic prefill at the same L* as BASE's
+    assert lin2["point_a"] == LIN["point_id"] and lin2["l_star"] == pytest.approx(L_STAR_PREFILL, rel=1e-6)
+    assert lin2["matched"] is True and lin2["family_b"] == "kv_quant"
+    lin4 = next(r for r in kv if r["kv_bits"] == 4 and LIN["point_id"] in (r["point_a"], r["point_b"]))
+    assert lin4["matched"] is True
+    hyb2 = next(r for r in kv if r["kv_bits"] == 2 and hyb["point_id"] in (r["point_a"], r["point_b"]))
+    assert hyb2["matched"] is False and hyb2["quality_gap"] is not None  # 11.4 / 10.3: 10.7 % apart
+    assert all(r["kv_bits"] is None for r in rows if r["level"] != "kv_bits")
+    # the 2-bit state is 1/8 of BASE's: 32 L bytes, below the linear state's 4352 until L = 136
+    st = next(r for r in rows if r["level"] == "kv_bits" and r["source"] == "measured" and r["metric"] == "state_bytes"
+              and r["kv_bits"] == 2 and LIN["point_id"] in (r["point_a"], r["point_b"]))
+    assert st["point_a"] == LIN["point_id"] and 128 < st["l_star"] < 256
+    txt = terminal.show_text(out)
+    assert "crossover level kv_bits" in txt
+    assert "linear (" in txt and "hybrid (" in txt and "vs 2-bit KV" in txt and "vs 4-bit KV" in txt
+    assert "[NOT matched, ppl gap -9.6%]" in txt and "[matched, ppl gap -7.9%]" in txt

@@ -9,15 +9,23 @@ Measured costs are fitted by a least-squares quadratic in L per point (:func:`fi
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from typing import Sequence
 
 import numpy as np
 
+from frontier import costmodel
 from frontier.results.families import FAMILIES
 from frontier.results.schema import to_float
 
-__all__ = ["fit_cost_curve", "eval_curve", "crossover", "crossover_sampled", "cost_series", "compute_crossover"]
+__all__ = ["fit_cost_curve", "eval_curve", "crossover", "crossover_sampled", "cost_series", "compute_crossover",
+           "attention_class", "kv_bits_pairs"]
+
+# attention kinds (frontier.config.ATTENTION_KINDS) by the shape of their state: a fixed-size
+# recurrent state (linear), a bounded window of KV (sparse); a hybrid keeps some softmax layers
+LINEAR_KINDS = ("linear", "lolcats")
+SPARSE_KINDS = ("sliding_window", "sink_window", "block_sparse", "topk")
 
 
 def fit_cost_curve(ls: Sequence[float], values: Sequence[float]) -> tuple[float, float, float]:
@@ -184,7 +192,73 @@ def _rel_gap(qa: float | None, qb: float | None) -> float | None:
     return qa / qb - 1.0
 
 
+def _config(row: dict) -> dict:
+    try:
+        return json.loads(row.get("config_json") or "{}") or {}
+    except (TypeError, ValueError):
+        return {}
+
+
+def attention_class(row: dict) -> str | None:
+    """``hybrid`` (restructured, some layers kept softmax) | ``linear`` | ``sparse`` for a
+    restructured point of ``runs``; None for softmax attention (or an unknown kind)."""
+    acfg = _config(row).get("attention") or {}
+    kind = acfg.get("kind") or row.get("cfg.attention.kind")
+    if kind in (None, "softmax"):
+        return None
+    kept = row.get("attn.keep_softmax")
+    kept = json.loads(kept) if isinstance(kept, str) and kept else acfg.get("keep_softmax")
+    if kept:
+        return "hybrid"
+    return "linear" if kind in LINEAR_KINDS else "sparse" if kind in SPARSE_KINDS else None
+
+
+def kv_bits_of(row: dict) -> int:
+    q = _config(row).get("quant") or {}
+    return int(q.get("kv_bits") or row.get("cfg.quant.kv_bits") or 16)
+
+
+def _best(pids, ok: dict) -> str | None:
+    """The lowest-perplexity point of ``pids`` (first point_id on ties / no ppl)."""
+    best = None
+    for pid in sorted(pids):
+        ppl = to_float(ok[pid].get("ppl"))
+        cur = None if best is None else to_float(ok[best].get("ppl"))
+        if best is None or (ppl is not None and (cur is None or ppl < cur)):
+            best = pid
+    return best
+
+
+def kv_bits_pairs(ok: dict) -> list[tuple[str, str, int]]:
+    """(restructured point, KV-quantized point, kv_bits): for each attention class (linear,
+    hybrid, sparse) its lowest-perplexity point with unquantized weights (family ``attention``,
+    or ``combined`` when only its KV cache is quantized), against the lowest-perplexity
+    ``kv_quant`` point (softmax attention, unquantized weights) of each KV bit width."""
+    by_class: dict[str, list[str]] = {}
+    by_bits: dict[int, list[str]] = {}
+    for pid, r in ok.items():
+        fam = r.get("family")
+        if fam == "kv_quant":
+            by_bits.setdefault(kv_bits_of(r), []).append(pid)
+        elif fam in ("attention", "combined"):
+            cls = attention_class(r)
+            weights_quantized = fam == "combined" and costmodel._is_quantized(_config(r).get("quant") or {})
+            if cls and not weights_quantized:
+                by_class.setdefault(cls, []).append(pid)
+    out = []
+    for cls in ("linear", "hybrid", "sparse"):
+        if cls not in by_class:
+            continue
+        a = _best(by_class[cls], ok)
+        for bits in sorted(by_bits):
+            out.append((a, _best(by_bits[bits], ok), bits))
+    return out
+
+
 def compute_crossover(runs: list[dict], costs: list[dict], quality_tolerance: float = 0.1) -> list[dict]:
+    """crossover.parquet's rows (schema ``crossover``): levels ``family``, ``point`` and
+    ``kv_bits`` (:func:`kv_bits_pairs`: linear / hybrid / sparse attention against the best
+    KV-quantized softmax point of each bit width, matched or not; ``matched`` says which)."""
     ok = {r["point_id"]: r for r in runs if r.get("status") == "ok"}
     series = cost_series(costs)
 
@@ -210,6 +284,8 @@ def compute_crossover(runs: list[dict], costs: list[dict], quality_tolerance: fl
     point_pairs = [(a, b) for a, b in itertools.combinations(sorted(ok), 2) if matched(a, b)]
     fam_order = [f for f in FAMILIES if f in reps] + sorted(f for f in reps if f not in FAMILIES)
     fam_pairs = [(reps[a], reps[b]) for a, b in itertools.combinations(fam_order, 2)]
+    kv_pairs = kv_bits_pairs(ok)
+    kv_of = {(a, b): bits for a, b, bits in kv_pairs}
 
     out: list[dict] = []
     for (source, hw, metric), per_point in sorted(series.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
@@ -223,7 +299,8 @@ def compute_crossover(runs: list[dict], costs: list[dict], quality_tolerance: fl
                 fits[pid] = fit_cost_curve(list(per_point[pid]), list(per_point[pid].values()))
             return fits[pid]
 
-        for level, pairs in (("family", fam_pairs), ("point", point_pairs)):
+        for level, pairs in (("family", fam_pairs), ("point", point_pairs),
+                             ("kv_bits", [(a, b) for a, b, _ in kv_pairs])):
             for a, b in pairs:
                 if a not in per_point or b not in per_point:
                     continue
@@ -243,5 +320,6 @@ def compute_crossover(runs: list[dict], costs: list[dict], quality_tolerance: fl
                     "matched": matched(a_, b_), "l_min": lo, "l_max": hi,
                     "method": "sampled" if sampled else "quadratic_fit",
                     "source": source, "hardware": hw,
+                    "kv_bits": kv_of[(a, b)] if level == "kv_bits" else None,
                 })
     return out

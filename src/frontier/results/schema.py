@@ -21,7 +21,7 @@ from frontier.results.families import FAMILIES
 
 # 2: frontier.parquet keeps every considered point (``on_front`` + ``reason``); modelled
 #    ``peak_mem_bytes``; peak memory in crossovers. Documented in docs/results-schema.md.
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 CHOICE_GROUPS = ("model", "quant", "attention", "finetune", "eval")
 
 _STR_BASE = ["sweep", "point_id", *CHOICE_GROUPS, "family", "status", "reason", "device", "quality_weights",
@@ -46,7 +46,7 @@ CROSSOVER_SCHEMA = pa.schema([
     ("point_b", pa.string()), ("family_a", pa.string()), ("family_b", pa.string()),
     ("l_star", pa.float64()), ("quality_gap", pa.float64()), ("matched", pa.bool_()),
     ("l_min", pa.float64()), ("l_max", pa.float64()), ("method", pa.string()),
-    ("source", pa.string()), ("hardware", pa.string()),
+    ("source", pa.string()), ("hardware", pa.string()), ("kv_bits", pa.int64()),
 ])
 
 # a quality metric indexed by context length: recall_acc@512, passkey_acc@1024, ...
@@ -133,7 +133,10 @@ SCHEMAS: dict[str, list[tuple[str, str, str]]] = {
     ],
     "crossover": [
         ("level", "string", "`family` (the lowest-perplexity point of each family) | `point` "
-                            "(every pair of points within the quality tolerance)"),
+                            "(every pair of points within the quality tolerance) | `kv_bits` (the "
+                            "lowest-perplexity linear, hybrid and sparse attention points with unquantized "
+                            "weights against the lowest-perplexity `kv_quant` point of each KV bit width, "
+                            "matched or not)"),
         ("metric", "string", "lower-is-better cost compared: measured `prefill_ms`, `decode_s` "
                              "(1 / decode_tok_s), `state_bytes`, `peak_mem_bytes`; modelled `prefill_s`, "
                              "`decode_s`, `state_bytes`, `peak_mem_bytes`"),
@@ -151,6 +154,7 @@ SCHEMAS: dict[str, list[tuple[str, str, str]]] = {
                              "`sampled` (modelled: piecewise linear between the modelled L)"),
         ("source", "string", "`measured` | `modelled`"),
         ("hardware", "string", "as in costs"),
+        ("kv_bits", "int64", "level `kv_bits`: the KV-cache bits of the `kv_quant` point; null otherwise"),
     ],
 }
 # metric -> (sources, unit, meaning)

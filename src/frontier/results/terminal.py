@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from frontier.results.answer import where_cheaper
-from frontier.results.crossover import cost_series
+from frontier.results.crossover import attention_class, cost_series
 from frontier.results.families import QUESTION_PAIRS, challenger_pairs, fam_rank
 from frontier.results.labels import (
     LATENCY,
@@ -184,6 +184,41 @@ def crossover_summary(out_dir: Path) -> str:
     return "\n".join(parts)
 
 
+def kv_bits_summary(out_dir: Path) -> str:
+    """The ``kv_bits`` crossover rows (crossover.compute_crossover): linear, hybrid and sparse
+    attention against the best KV-quantized softmax point of each bit width, one line per pair
+    and source: where the restructured point is cheaper, and whether the two are at matched
+    perplexity. Empty when the sweep has no such pair."""
+    out_dir = Path(out_dir)
+    rows = [r for r in read_rows(out_dir, "crossover") if r["level"] == "kv_bits"]
+    if not rows:
+        return ""
+    runs = {r["point_id"]: r for r in read_rows(out_dir, "runs")}
+    labels = short_labels(list(runs) or [r["point_a"] for r in rows] + [r["point_b"] for r in rows])
+    series = cost_series(read_rows(out_dir, "costs"))
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        att = r["point_a"] if r["family_a"] != "kv_quant" else r["point_b"]
+        kvp = r["point_b"] if att == r["point_a"] else r["point_a"]
+        groups.setdefault((r["source"], r["hardware"], att, kvp, r["kv_bits"]), []).append(r)
+    parts = []
+    for (source, hw, att, kvp, bits), rs in sorted(groups.items(), key=lambda kv: (
+            kv[0][0] != "measured", str(kv[0][1]), str(attention_class(runs.get(kv[0][2], {}))), kv[0][4])):
+        x = runs.get(att, {}).get("family") or rs[0]["family_a"]
+        metrics = [m for m in XO_METRICS.get(source, ()) if any(r["metric"] == m for r in rs)]
+        idx = {r["metric"]: r for r in rs}
+        gap = rs[0]["quality_gap"]
+        gap_x = gap if rs[0]["point_a"] == att else (None if gap is None else 1.0 / (1.0 + gap) - 1.0)
+        matched = ("matched" if rs[0]["matched"] else "NOT matched") + (
+            f", ppl gap {gap_x:+.1%}" if gap_x is not None else "")
+        cls = attention_class(runs.get(att, {})) or "restructured"
+        cells = "; ".join(f"{METRIC_WORDS.get(m, m)} {_phrase(idx.get(m), x, series)}" for m in metrics)
+        parts.append(f"  {source} on {hw}: {cls} ({labels.get(att, att)}) vs {bits}-bit KV "
+                     f"({labels.get(kvp, kvp)}) [{matched}]: {cells}")
+    return "\n".join(["restructured attention against a KV-quantized softmax cache (crossover level kv_bits):",
+                      *parts])
+
+
 def show_text(out_dir: Path) -> str:
     """What ``frontier show results/<sweep>`` prints."""
     out_dir = Path(out_dir)
@@ -200,4 +235,5 @@ def show_text(out_dir: Path) -> str:
                       "== Pareto frontiers (quality: ppl, lower is better; each cost at its largest L) ==",
                       frontier_summary(out_dir), "",
                       "== Crossover: context length L* where one family overtakes another ==",
-                      crossover_summary(out_dir)])
+                      crossover_summary(out_dir),
+                      *(["", kv] if (kv := kv_bits_summary(out_dir)) else [])])
