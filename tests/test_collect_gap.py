@@ -1,6 +1,7 @@
 """runs.parquet `gap_closed`: the fraction of the perplexity gap to softmax that fine-tuning closed,
 from hand-made metrics.json files (no model runs)."""
 import json
+import math
 import uuid
 from pathlib import Path
 
@@ -139,3 +140,27 @@ def test_gap_closed_of_quant_post_points_uses_post_references():
     ]
     assert results_runs.point_parts(runs[2]["point_id"]) == ("m", "q~when=post", "lin", "lolcats", "e")
     assert results_runs.gap_closed(runs)["m/none/lin/lolcats/q~when=post/e"] == pytest.approx(0.75)
+
+
+def test_gap_closed_matches_the_perplexity_protocol_and_reports_nats(tmp_path):
+    """A fine-tuned point evaluated under another eval option (a different recall ladder) with the
+    same eval.ppl and KV cache takes the references of that protocol; another ppl protocol does
+    not. gap_closed_nats is the same fraction in log-perplexity."""
+    ppl = {"seq_len": 1024, "stride": 512, "max_tokens": 8192}
+
+    def pt(attention, finetune, value, eval_, ppl_cfg=ppl, kv_bits=16):
+        m = point("none", attention, finetune, value, eval_=eval_ + ("" if kv_bits == 16 else f"~kv_bits={kv_bits}"))
+        m["config"]["eval"] = {"name": eval_, "ppl": ppl_cfg}
+        m["config"]["quant"] = {**QUANT["none"], "kv_bits": kv_bits}
+        return m
+
+    ms = [pt("softmax", "none", 6.0, "long"), pt("linear_elu", "none", 240.0, "short"),
+          pt("linear_elu", "lolcats", 24.0, "long"),                      # softmax: long, untuned: short
+          pt("linear_elu", "lolcats", 20.0, "longer", {**ppl, "max_tokens": 4096}),   # no reference
+          pt("linear_elu", "lolcats", 20.0, "long", kv_bits=2)]           # a 2-bit cache: no reference
+    rows = collect_rows(tmp_path, ms)
+    r = rows["tiny/none/linear_elu/lolcats/long"]
+    assert r["gap_closed"] == pytest.approx((240 - 24) / (240 - 6))                  # 0.923
+    assert r["gap_closed_nats"] == pytest.approx(math.log(240 / 24) / math.log(240 / 6))   # 0.624
+    assert rows["tiny/none/linear_elu/lolcats/longer"]["gap_closed"] is None
+    assert rows["tiny/none/linear_elu/lolcats/long~kv_bits=2"]["gap_closed_nats"] is None

@@ -91,9 +91,10 @@ def run(sweep: str, metrics_paths: list[str | Path], out_dir: Path,
     runs = sorted(kept_runs + new_runs, key=lambda r: r["point_id"])
     measured = kept_measured + new_measured
     # recomputed over every row: a reference point may have arrived in this call
-    gaps = gap_closed(runs)
+    gaps, gaps_nats = gap_closed(runs), gap_closed(runs, log=True)
     for r in runs:
         r["gap_closed"] = gaps.get(r["point_id"])
+        r["gap_closed_nats"] = gaps_nats.get(r["point_id"])
 
     # modelled costs, recomputed for every ok point on one L grid
     extra = DEFAULT_MODELLED_LENS if modelled_context_lens is None else modelled_context_lens

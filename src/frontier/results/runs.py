@@ -4,6 +4,7 @@ cost rows, the quality columns of a sweep, and ``gap_closed`` of fine-tuned poin
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -130,18 +131,41 @@ def _softmax(row: dict, parts: tuple) -> bool:
     return kind == "softmax" if kind is not None else parts[2] == "softmax"
 
 
-def gap_closed(runs: list[dict], quality: str = "ppl", rel_eps: float = GAP_REL_EPS) -> dict[str, float | None]:
+def _ppl_protocol(row: dict, e: str) -> str:
+    """What a point's perplexity was measured under: the eval's `ppl` section and the KV cache
+    (quant.kv_bits / kv_group / kv_residual), from its resolved config; the eval component of
+    the point_id when the row has no config. Two eval options with the same ppl protocol (e.g.
+    a long and a short recall ladder) give comparable perplexities."""
+    try:
+        cfg = json.loads(row.get("config_json") or "{}") or {}
+    except (TypeError, ValueError):
+        cfg = {}
+    ppl = (cfg.get("eval") or {}).get("ppl")
+    if not isinstance(ppl, dict):
+        return e
+    q = cfg.get("quant") or {}
+    kv = int(q.get("kv_bits") or 16)
+    return json.dumps({"ppl": ppl, "kv": [kv, q.get("kv_group"), q.get("kv_residual")] if kv < 16 else 16},
+                      sort_keys=True, default=str)
+
+
+def gap_closed(runs: list[dict], quality: str = "ppl", rel_eps: float = GAP_REL_EPS,
+               log: bool = False) -> dict[str, float | None]:
     """{point_id: fraction of the perplexity gap closed} for every fine-tuned point (others: None).
 
-    ``(ppl_untuned - ppl_tuned) / (ppl_untuned - ppl_softmax)``, where *untuned* is the point
-    with the same model/quant/attention/eval and finetune ``none``, and *softmax* the one with
-    the same model/quant/eval, softmax attention and finetune ``none`` (matched on the
-    point_id's components ``<model>/<quant>/<attention>/<finetune>/<eval>``; a component whose
-    option is literally ``none``/``softmax`` preferred when several match). 1 = the fine-tuned
-    point reaches softmax quality, 0 = no better than untuned, < 0 = worse. None when the point
-    or a reference failed or has no ``quality`` value, or when the gap is ~0 (``|untuned -
-    softmax| <= rel_eps * softmax``, e.g. a fine-tuned softmax point).
+    ``(ppl_untuned - ppl_tuned) / (ppl_untuned - ppl_softmax)`` (``log``: of the log-perplexities,
+    i.e. of the losses in nats, which does not flatter: closing 93 % of a 238 → 6.2 gap in ppl is
+    64 % in nats), where *untuned* is the point with the same model/quant/attention and
+    perplexity protocol and finetune ``none``, and *softmax* the one with the same
+    model/quant/protocol, softmax attention and finetune ``none`` (matched on the point_id's
+    components ``<model>/<quant>/<attention>/<finetune>/<eval>``, the eval component read as its
+    perplexity protocol (:func:`_ppl_protocol`); a component whose option is literally
+    ``none``/``softmax`` preferred when several match). 1 = the fine-tuned point reaches softmax
+    quality, 0 = no better than untuned, < 0 = worse. None when the point or a reference failed
+    or has no ``quality`` value, or when the gap is ~0 (``|untuned - softmax| <= rel_eps *
+    softmax``, e.g. a fine-tuned softmax point).
     """
+    f = (lambda x: math.log(x)) if log else (lambda x: x)
     untuned: dict[tuple, list] = {}
     softmax: dict[tuple, list] = {}
     for r in runs:
@@ -150,6 +174,7 @@ def gap_closed(runs: list[dict], quality: str = "ppl", rel_eps: float = GAP_REL_
         if parts is None or r.get("status") != "ok" or q is None or not _untuned(r, parts):
             continue
         m, qu, a, ft, e = parts
+        e = _ppl_protocol(r, e)
         untuned.setdefault((m, qu, a, e), []).append((ft != "none", r["point_id"], q))
         if _softmax(r, parts):
             softmax.setdefault((m, qu, e), []).append((a != "softmax", ft != "none", r["point_id"], q))
@@ -160,15 +185,18 @@ def gap_closed(runs: list[dict], quality: str = "ppl", rel_eps: float = GAP_REL_
         if parts is None or _untuned(r, parts):
             continue
         m, qu, a, _, e = parts
+        e = _ppl_protocol(r, e)
         tuned = to_float(r.get(quality)) if r.get("status") == "ok" else None
         u, s = untuned.get((m, qu, a, e)), softmax.get((m, qu, e))
         if tuned is None or not u or not s:
             continue
         ppl_u, ppl_s = min(u)[-1], min(s)[-1]
-        gap = ppl_u - ppl_s
-        if abs(gap) <= rel_eps * abs(ppl_s):
+        if log and min(ppl_u, ppl_s, tuned) <= 0:
             continue
-        out[r["point_id"]] = (ppl_u - tuned) / gap
+        gap = f(ppl_u) - f(ppl_s)
+        if abs(ppl_u - ppl_s) <= rel_eps * abs(ppl_s):
+            continue
+        out[r["point_id"]] = (f(ppl_u) - f(tuned)) / gap
     return out
 
 

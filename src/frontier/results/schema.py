@@ -27,7 +27,7 @@ CHOICE_GROUPS = ("model", "quant", "attention", "finetune", "eval")
 _STR_BASE = ["sweep", "point_id", *CHOICE_GROUPS, "family", "status", "reason", "device", "quality_weights",
              "metrics_path"]
 _INT_BASE = ["weight_bytes", "params"]
-_FLOAT_BASE = ["effective_bits", "wall_s", "gap_closed"]
+_FLOAT_BASE = ["effective_bits", "wall_s", "gap_closed", "gap_closed_nats"]
 _STR_TAIL = ["versions", "config_json"]
 _KNOWN_RUN_COLS = set(_STR_BASE) | set(_INT_BASE) | set(_FLOAT_BASE) | set(_STR_TAIL)
 
@@ -90,7 +90,12 @@ SCHEMAS: dict[str, list[tuple[str, str, str]]] = {
         ("wall_s", "double", "evaluation wall time, seconds"),
         ("gap_closed", "double", "fine-tuned points: (ppl_untuned - ppl) / (ppl_untuned - ppl_softmax), the "
                                  "fraction of the perplexity gap to softmax the fine-tuning closed (1 = softmax "
-                                 "quality, 0 = no better than untuned); null otherwise or when the gap is ~0"),
+                                 "quality, 0 = no better than untuned); null otherwise or when the gap is ~0. "
+                                 "References match on the perplexity protocol (eval.ppl and the KV cache), "
+                                 "not the eval option's name"),
+        ("gap_closed_nats", "double", "the same fraction of the gap in log-perplexity (loss in nats): "
+                                      "(ln ppl_untuned - ln ppl) / (ln ppl_untuned - ln ppl_softmax); smaller "
+                                      "than gap_closed when the untuned point is far off"),
         ("ppl", "double", "held-out perplexity (lower is better); null for a failed point"),
         ("<metric>@<L>", "double", "quality at context length L: `recall_acc@L`, `passkey_acc@L` "
                                    "(exact-match accuracy in [0, 1], higher is better)"),

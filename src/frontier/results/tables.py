@@ -83,7 +83,7 @@ def runs_table(runs: list[dict], labels: dict, anchors: dict) -> str:
     ovr = sorted({k for r in runs for k in r if k.startswith("ovr.")})
     cols = [("point", False), ("family", False), ("status", False), ("ppl", False)]
     cols += [(rcol, False)] if rcol else []
-    cols += [("weights", False), ("bits/weight", False), ("gap closed", False), ("config", False)]
+    cols += [("weights", False), ("bits/weight", False), ("gap closed (ppl / nats)", False), ("config", False)]
     cols += [(c, True) for c in ("model", "quant", "attention", "finetune", "eval")]
     cols += [(c[4:], True) for c in ovr] + [(q, True) for q in extra_q]
     cols += [(c, True) for c in ("params", "device", "quality weights", "eval wall s", "reason", "point_id",
@@ -107,8 +107,9 @@ def runs_table(runs: list[dict], labels: dict, anchors: dict) -> str:
         row += [num_cell(r.get("weight_bytes"), fmt_cost("weight_bytes", r.get("weight_bytes"))),
                 num_cell(r.get("effective_bits"), None if not is_num(r.get("effective_bits"))
                          else f"{float(r['effective_bits']):.3g}"),
-                num_cell(r.get("gap_closed"), None if not is_num(r.get("gap_closed"))
-                         else f"{float(r['gap_closed']):.0%}"),
+                num_cell(r.get("gap_closed_nats"), None if not is_num(r.get("gap_closed"))
+                         else f"{float(r['gap_closed']):.0%} / " + (f"{float(r['gap_closed_nats']):.0%}"
+                                                                    if is_num(r.get("gap_closed_nats")) else "-")),
                 cell(f"<details><summary>config</summary><pre>{e(cfg)}</pre></details>", None, raw=True)]
         row += [cell(r.get(c)) for c in ("model", "quant", "attention", "finetune", "eval")]
         row += [cell(r.get(c)) for c in ovr] + [num_cell(r.get(q)) for q in extra_q]
