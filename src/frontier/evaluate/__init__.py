@@ -174,6 +174,7 @@ def run(ckpt_dir: Path, cfg: dict, *, point_id: str, sweep: str, choices: dict, 
         if rec["device"] is None:
             rec["device"] = device_name()
         rec["wall_s"] = round(time.time() - t0, 3)
+        rec["wandb"] = wb.ref()
         rec = _finite(rec)
         checkpoint.atomic_write_json(Path(out_path), rec)
         try:
