@@ -19,7 +19,7 @@ from frontier.evaluate import measure, mqar, perplexity, recall, ruler
 
 METRIC_KEYS = {"point_id", "sweep", "status", "reason", "choices", "overrides", "config", "quality",
                "weight_bytes", "params", "effective_bits", "costs", "versions", "device", "wall_s", "warnings",
-               "attention_layers", "quality_weights"}
+               "attention_layers", "quality_weights", "wandb"}
 
 
 # ---------------------------------------------------------------- fixtures

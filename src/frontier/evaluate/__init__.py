@@ -95,7 +95,7 @@ def metrics_record(*, point_id: str, sweep: str, choices: dict, overrides: dict,
             "choices": dict(choices or {}), "overrides": dict(overrides or {}), "config": cfg,
             "quality": {}, "weight_bytes": None, "params": None, "effective_bits": None,
             "costs": [], "versions": checkpoint.library_versions(), "device": None, "wall_s": None,
-            "attention_layers": None, "quality_weights": None, "warnings": []}
+            "attention_layers": None, "quality_weights": None, "warnings": [], "wandb": None}
 
 
 def _evaluate(rec: dict, ckpt_dir: Path, cfg: dict, progress: bool) -> None:
