@@ -19,7 +19,7 @@ from frontier.evaluate import measure, mqar, perplexity, recall, ruler
 
 METRIC_KEYS = {"point_id", "sweep", "status", "reason", "choices", "overrides", "config", "quality",
                "weight_bytes", "params", "effective_bits", "costs", "versions", "device", "wall_s", "warnings",
-               "attention_layers", "quality_weights"}
+               "attention_layers", "quality_weights", "wandb"}
 
 
 # ---------------------------------------------------------------- fixtures
@@ -243,6 +243,10 @@ def test_fit_example_binary_search():
     assert n == 33 and len(prompt) == 99
     with pytest.raises(ValueError):
         recall.fit_example(lambda n: ("x" * 50, "a"), len, 10)
+    # a size knob that overestimates the prompt's length (2 units per token) still fills to L
+    prompt, _, n = recall.fit_example(lambda n: ("x" * (n // 2), "a"), len, 100, lo=0, hi=10 ** 9)
+    assert len(prompt) == 100 and n == 201
+
 
 
 def test_recall_accuracy_runs_and_skips_long_contexts(tok, model):

@@ -157,3 +157,10 @@ def test_real_smollm2_wheel_converts(tmp_path):
     enc = tok(prompt, return_tensors="pt")
     out_ids = model.generate(**enc, max_new_tokens=6, do_sample=False)
     assert "48213" in tok.decode(out_ids[0, enc["input_ids"].shape[1]:])
+    # its tokenizer counts "The grass is green. " as 6 tokens alone and 5 inside the filler: the
+    # recall prompts still fill to within a sentence of L (they stopped at ~84% of L before)
+    from frontier.evaluate import recall
+
+    for task in ("passkey", "needle_single", "needle_multikey"):
+        for x in recall.build_prompts(tok, task, 1024, 2, seed=1):
+            assert 1024 - 16 <= x["tokens"] <= 1024, (task, x["tokens"])

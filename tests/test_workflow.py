@@ -1,5 +1,6 @@
 """The real Snakemake DAG on sweep=ci, end to end through collect."""
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -59,6 +60,10 @@ def test_ci_sweep_end_to_end(ci_sweep):
     ft = json.loads(next((wd / "work").rglob("lolcats*/_ckpt/manifest.json")).read_text())
     assert ft["stage"] == "finetune"
     assert list((wd / "work" / "wandb").glob("offline-run-*")), "stages log offline W&B runs"
+    # each point links its own evaluate run (offline: the run folder that `wandb sync` uploads)
+    links = [r["wandb_url"] for r in runs]
+    assert all(u and u.startswith("file://") and Path(u[7:]).name.startswith("offline-run-") for u in links), links
+    assert len(set(links)) == len(links) and all(Path(u[7:]).is_dir() for u in links)
 
 
 @pytest.mark.slow

@@ -40,6 +40,19 @@ class Run:
     def active(self) -> bool:
         return self._run is not None
 
+    def ref(self) -> Optional[dict]:
+        """{"id", "url", "dir"} of the W&B run (url: None offline, where `wandb sync <dir>`
+        uploads it later), or None without a run."""
+        if self._run is None:
+            return None
+        try:
+            url = self._run.url if getattr(self._run, "settings", None) is None or \
+                getattr(self._run.settings, "mode", "online") != "offline" else None
+            return {"id": self._run.id, "url": url or None, "dir": os.path.dirname(self._run.dir)}
+        except Exception as e:  # noqa: BLE001 - tracking must never break a run
+            log.warning("wandb run reference failed: %s", e)
+            return None
+
     def log(self, data: dict, step: Optional[int] = None) -> None:
         if self._run is None:
             return

@@ -95,7 +95,7 @@ def metrics_record(*, point_id: str, sweep: str, choices: dict, overrides: dict,
             "choices": dict(choices or {}), "overrides": dict(overrides or {}), "config": cfg,
             "quality": {}, "weight_bytes": None, "params": None, "effective_bits": None,
             "costs": [], "versions": checkpoint.library_versions(), "device": None, "wall_s": None,
-            "attention_layers": None, "quality_weights": None, "warnings": []}
+            "attention_layers": None, "quality_weights": None, "warnings": [], "wandb": None}
 
 
 def _evaluate(rec: dict, ckpt_dir: Path, cfg: dict, progress: bool) -> None:
@@ -174,6 +174,7 @@ def run(ckpt_dir: Path, cfg: dict, *, point_id: str, sweep: str, choices: dict, 
         if rec["device"] is None:
             rec["device"] = device_name()
         rec["wall_s"] = round(time.time() - t0, 3)
+        rec["wandb"] = wb.ref()
         rec = _finite(rec)
         checkpoint.atomic_write_json(Path(out_path), rec)
         try:

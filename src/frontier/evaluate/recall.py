@@ -120,8 +120,11 @@ def fit_example(make: Callable[[int], tuple], length: Callable[[str], int], max_
                 lo: int = 1, hi: Optional[int] = None) -> tuple:
     """(*make(size), size) for the largest size in [lo, hi] whose prompt (make(size)[0]) is
     <= max_len tokens (binary search; `make(size)` must be deterministic). Raises ValueError
-    if even `make(lo)` does not fit."""
-    hi = max_len if hi is None else min(hi, max_len)
+    if even `make(lo)` does not fit. The size is searched up to 4 x max_len, not max_len: a
+    filler knob counted sentence by sentence overestimates the joined text's tokens (a
+    trailing space is a token alone, not once joined), and capping it at max_len left prompts
+    at ~84% of L."""
+    hi = 4 * max_len if hi is None else min(hi, 4 * max_len)
     hi = max(hi, lo)
     ex = make(lo)
     if length(ex[0]) > max_len:

@@ -69,6 +69,7 @@ def run_row(m: dict, sweep: str) -> dict:
         "params": to_int(m.get("params")),
         "effective_bits": to_float(m.get("effective_bits")),
         "wall_s": to_float(m.get("wall_s")),
+        "wandb_url": _wandb_link(m.get("wandb")),
         "versions": json.dumps(m.get("versions") or {}, sort_keys=True, default=str),
         "config_json": json.dumps(config, sort_keys=True, default=str),
     }
@@ -88,6 +89,15 @@ def run_row(m: dict, sweep: str) -> dict:
     for k, v in (m.get("quality") or {}).items():
         row[str(k)] = to_float(v)
     return row
+
+
+def _wandb_link(ref) -> str | None:
+    """The W&B run's URL, or ``file://<run dir>`` for an offline run (``wandb sync <dir>``)."""
+    if not isinstance(ref, dict):
+        return None
+    if ref.get("url"):
+        return str(ref["url"])
+    return f"file://{ref['dir']}" if ref.get("dir") else None
 
 
 def _q_sort_key(name: str) -> tuple:

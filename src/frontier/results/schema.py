@@ -24,7 +24,7 @@ from frontier.results.families import FAMILIES
 SCHEMA_VERSION = "3"
 CHOICE_GROUPS = ("model", "quant", "attention", "finetune", "eval")
 
-_STR_BASE = ["sweep", "point_id", *CHOICE_GROUPS, "family", "status", "reason", "device", "quality_weights",
+_STR_BASE = ["sweep", "point_id", *CHOICE_GROUPS, "family", "status", "reason", "device", "quality_weights", "wandb_url",
              "metrics_path"]
 _INT_BASE = ["weight_bytes", "params"]
 _FLOAT_BASE = ["effective_bits", "wall_s", "gap_closed", "gap_closed_nats"]
@@ -88,6 +88,8 @@ SCHEMAS: dict[str, list[tuple[str, str, str]]] = {
         ("effective_bits", "double", "stored bits per logical weight of the decoder's Linear layers, scales "
                                      "and zero points included (embeddings and lm_head excluded)"),
         ("wall_s", "double", "evaluation wall time, seconds"),
+        ("wandb_url", "string", "the point's W&B evaluate run: its URL, or `file://<run dir>` for an offline "
+                                "run (upload it with `wandb sync <dir>`); null without tracking"),
         ("gap_closed", "double", "fine-tuned points: (ppl_untuned - ppl) / (ppl_untuned - ppl_softmax), the "
                                  "fraction of the perplexity gap to softmax the fine-tuning closed (1 = softmax "
                                  "quality, 0 = no better than untuned); null otherwise or when the gap is ~0. "

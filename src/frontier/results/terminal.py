@@ -129,17 +129,22 @@ def _phrase(r: dict | None, x: str, series: dict | None = None) -> str:
         c, ("from L ≈ " + c[5:]) if c.startswith("L >=") else f"only below L ≈ {c[4:]}")
 
 
+def _level_context(out_dir: Path, level: str) -> tuple[list[dict], dict, dict, dict]:
+    """(crossover rows of ``level``, runs by point_id, short labels, cost series) of a results folder."""
+    rows = [r for r in read_rows(out_dir, "crossover") if r["level"] == level]
+    runs = {r["point_id"]: r for r in read_rows(out_dir, "runs")}
+    labels = short_labels(list(runs) or [r["point_a"] for r in rows] + [r["point_b"] for r in rows])
+    return rows, runs, labels, cost_series(read_rows(out_dir, "costs"))
+
+
 def crossover_summary(out_dir: Path) -> str:
     """Family-level crossovers, one block per (source, hardware): the answer lines ("from which
     L does attention beat quantization in latency and memory, at matched perplexity") and a
     matrix of where the first family of each pair is cheaper."""
     out_dir = Path(out_dir)
-    rows = [r for r in read_rows(out_dir, "crossover") if r["level"] == "family"]
+    rows, runs, labels, series = _level_context(out_dir, "family")
     if not rows:
         return "(no family-level crossover rows: it needs two families with costs at two or more L)"
-    runs = {r["point_id"]: r for r in read_rows(out_dir, "runs")}
-    labels = short_labels(list(runs) or [r["point_a"] for r in rows] + [r["point_b"] for r in rows])
-    series = cost_series(read_rows(out_dir, "costs"))
     reps = {}
     for r in rows:
         reps[r["family_a"]], reps[r["family_b"]] = r["point_a"], r["point_b"]
@@ -189,13 +194,9 @@ def kv_bits_summary(out_dir: Path) -> str:
     attention against the best KV-quantized softmax point of each bit width, one line per pair
     and source: where the restructured point is cheaper, and whether the two are at matched
     perplexity. Empty when the sweep has no such pair."""
-    out_dir = Path(out_dir)
-    rows = [r for r in read_rows(out_dir, "crossover") if r["level"] == "kv_bits"]
+    rows, runs, labels, series = _level_context(Path(out_dir), "kv_bits")
     if not rows:
         return ""
-    runs = {r["point_id"]: r for r in read_rows(out_dir, "runs")}
-    labels = short_labels(list(runs) or [r["point_a"] for r in rows] + [r["point_b"] for r in rows])
-    series = cost_series(read_rows(out_dir, "costs"))
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         att = r["point_a"] if r["family_a"] != "kv_quant" else r["point_b"]
