@@ -263,17 +263,10 @@ def compute_crossover(runs: list[dict], costs: list[dict], quality_tolerance: fl
     series = cost_series(costs)
 
     # family representatives: lowest ppl (ties/no ppl: first point_id)
-    reps: dict[str, str] = {}
-    for pid in sorted(ok):
-        fam = ok[pid].get("family")
-        ppl = to_float(ok[pid].get("ppl"))
-        cur = reps.get(fam)
-        if cur is None:
-            reps[fam] = pid
-        else:
-            cur_ppl = to_float(ok[cur].get("ppl"))
-            if ppl is not None and (cur_ppl is None or ppl < cur_ppl):
-                reps[fam] = pid
+    by_family: dict[str, list[str]] = {}
+    for pid, r in ok.items():
+        by_family.setdefault(r.get("family"), []).append(pid)
+    reps = {fam: _best(pids, ok) for fam, pids in by_family.items()}
 
     def matched(pa_: str, pb_: str) -> bool:
         qa, qb = to_float(ok[pa_].get("ppl")), to_float(ok[pb_].get("ppl"))
