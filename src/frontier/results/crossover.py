@@ -17,6 +17,7 @@ import numpy as np
 
 from frontier import costmodel
 from frontier.results.families import FAMILIES
+from frontier.results.runs import row_config
 from frontier.results.schema import to_float
 
 __all__ = ["fit_cost_curve", "eval_curve", "crossover", "crossover_sampled", "cost_series", "compute_crossover",
@@ -192,17 +193,10 @@ def _rel_gap(qa: float | None, qb: float | None) -> float | None:
     return qa / qb - 1.0
 
 
-def _config(row: dict) -> dict:
-    try:
-        return json.loads(row.get("config_json") or "{}") or {}
-    except (TypeError, ValueError):
-        return {}
-
-
 def attention_class(row: dict) -> str | None:
     """``hybrid`` (restructured, some layers kept softmax) | ``linear`` | ``sparse`` for a
     restructured point of ``runs``; None for softmax attention (or an unknown kind)."""
-    acfg = _config(row).get("attention") or {}
+    acfg = row_config(row).get("attention") or {}
     kind = acfg.get("kind") or row.get("cfg.attention.kind")
     if kind in (None, "softmax"):
         return None
@@ -214,7 +208,7 @@ def attention_class(row: dict) -> str | None:
 
 
 def kv_bits_of(row: dict) -> int:
-    q = _config(row).get("quant") or {}
+    q = row_config(row).get("quant") or {}
     return int(q.get("kv_bits") or row.get("cfg.quant.kv_bits") or 16)
 
 
@@ -242,7 +236,7 @@ def kv_bits_pairs(ok: dict) -> list[tuple[str, str, int]]:
             by_bits.setdefault(kv_bits_of(r), []).append(pid)
         elif fam in ("attention", "combined"):
             cls = attention_class(r)
-            weights_quantized = fam == "combined" and costmodel._is_quantized(_config(r).get("quant") or {})
+            weights_quantized = fam == "combined" and costmodel._is_quantized(row_config(r).get("quant") or {})
             if cls and not weights_quantized:
                 by_class.setdefault(cls, []).append(pid)
     out = []

@@ -141,15 +141,20 @@ def _softmax(row: dict, parts: tuple) -> bool:
     return kind == "softmax" if kind is not None else parts[2] == "softmax"
 
 
+def row_config(row: dict) -> dict:
+    """A runs row's resolved config (its ``config_json``); {} when absent or unreadable."""
+    try:
+        return json.loads(row.get("config_json") or "{}") or {}
+    except (TypeError, ValueError):
+        return {}
+
+
 def _ppl_protocol(row: dict, e: str) -> str:
     """What a point's perplexity was measured under: the eval's `ppl` section and the KV cache
     (quant.kv_bits / kv_group / kv_residual), from its resolved config; the eval component of
     the point_id when the row has no config. Two eval options with the same ppl protocol (e.g.
     a long and a short recall ladder) give comparable perplexities."""
-    try:
-        cfg = json.loads(row.get("config_json") or "{}") or {}
-    except (TypeError, ValueError):
-        cfg = {}
+    cfg = row_config(row)
     ppl = (cfg.get("eval") or {}).get("ppl")
     if not isinstance(ppl, dict):
         return e
