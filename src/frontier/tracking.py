@@ -46,8 +46,8 @@ class Run:
         if self._run is None:
             return None
         try:
-            url = self._run.url if getattr(self._run, "settings", None) is None or \
-                getattr(self._run.settings, "mode", "online") != "offline" else None
+            offline = getattr(getattr(self._run, "settings", None), "mode", None) == "offline"
+            url = None if offline else self._run.url
             return {"id": self._run.id, "url": url or None, "dir": os.path.dirname(self._run.dir)}
         except Exception as e:  # noqa: BLE001 - tracking must never break a run
             log.warning("wandb run reference failed: %s", e)
