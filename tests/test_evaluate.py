@@ -269,6 +269,11 @@ def test_recall_accuracy_runs_and_skips_long_contexts(tok, model):
     out = recall.evaluate_recall(model, tok, {"context_lens": [64, 128], "samples": 1, "seed": 0,
                                               "tasks": ["kv", "passkey"], "task_max_len": {"kv": 64}}, progress=False)
     assert set(out) == {"recall_acc@64", "passkey_acc@64", "passkey_acc@128"}
+    # an L beyond the model is still named once when task_max_len leaves the first task out of it
+    warns = []
+    recall.evaluate_recall(model, tok, {"context_lens": [64, 1024], "samples": 1, "seed": 0, "tasks": ["kv", "passkey"],
+                                        "task_max_len": {"kv": 64}}, progress=False, warnings=warns)
+    assert warns == ["recall: skipping L=1024 > max_position_embeddings=512"]
 
 
 def test_eval_config_validation():

@@ -334,9 +334,11 @@ def evaluate_recall(model, tokenizer, recall_cfg: dict, *, tasks: Optional[Seque
             warnings.append(msg)
 
     out: dict = {}
+    too_long: set = set()  # one warning per L (task_max_len may leave tasks[0] out of an L)
     for L, task in jobs:
         if max_pos and L > max_pos:
-            if task == tasks[0]:
+            if L not in too_long:
+                too_long.add(L)
                 warn(f"recall: skipping L={L} > max_position_embeddings={max_pos}")
         else:
             try:
