@@ -9,6 +9,7 @@ import torch
 from attention_models import rand_ids, tiny_model
 from frontier import config as C
 from frontier import costmodel, grid, kivi, kvcache
+from frontier.cache_layer import DequantWorkspace
 from frontier.attention import LinearStateLayer, cache_state_bytes, swap_attention
 
 
@@ -115,6 +116,55 @@ def test_bytes_are_the_packed_storage_and_match_the_cost_model(bits):
     fp16 = costmodel.state_bytes(model_cfg, None, 65536, kv_bits=16)
     assert fp16 / costmodel.state_bytes(model_cfg, None, 65536, quant_cfg=big) == pytest.approx(
         16 / (bits + 2 * 16 * 2 / G / 2), rel=0.01)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_part_filled_value_rows_count_whole_bytes_in_cache_and_cost_model(bits):
+    B, H, D, G, R = 1, 2, 32, 16, 16
+    L = R + 4 * (8 // bits) + 1  # values past the window: not a multiple of 8 / bits
+    layer = kivi.KiviLayer(bits, G, R)
+    for t in range(L):
+        layer.update(torch.randn(B, H, 1, D), torch.randn(B, H, 1, D))
+    nv = L - R
+    per = 8 // bits
+    assert layer.quantized_lengths()[1] == nv and layer.value_codes.shape[2] == -(-nv // per)
+    model_cfg = {"layers": 1, "hidden": H * D, "heads": H, "kv_heads": H, "head_dim": D, "intermediate": 64,
+                 "vocab": 64, "dtype": "float32"}
+    modelled = costmodel.state_bytes(model_cfg, None, L, quant_cfg={"kv_bits": bits, "kv_group": G, "kv_residual": R})
+    assert layer.state_bytes() == modelled
+
+
+@pytest.mark.parametrize("kind", ["kivi2", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_workspace_returns_what_fresh_tensors_hold_and_stays_one_layer_big(kind, dtype):
+    """The quantized caches' layers dequantize into one shared scratch: every step returns the
+    same keys and values as a layer with fresh tensors, and the scratch holds about one layer's
+    dense K/V."""
+    g = torch.Generator().manual_seed(3)
+    B, H, D, L, layers = 2, 3, 32, 300, 3
+    ws = DequantWorkspace()
+
+    def make(**kw):
+        return kivi.KiviLayer(2, 16, 32, **kw) if kind == "kivi2" else kvcache.Int8KVLayer(**kw)
+
+    shared = [make(workspace=ws) for _ in range(layers)]
+    fresh = [make() for _ in range(layers)]
+    cuts = [200] + [1] * 100
+    t = 0
+    for n in cuts:
+        for i in range(layers):
+            K = torch.randn(B, H, n, D, generator=g).to(dtype)
+            V = torch.randn(B, H, n, D, generator=g).to(dtype)
+            ks, vs = shared[i].update(K, V)
+            kf, vf = fresh[i].update(K, V)
+            assert torch.equal(ks, kf) and torch.equal(vs, vf)
+            assert ks.is_contiguous() and vs.is_contiguous()
+        t += n
+    dense_layer = 2 * B * H * L * D * ks.element_size()
+    assert dense_layer <= ws.nbytes() <= 1.6 * dense_layer + B * H * L * D * (1 + ks.element_size())
+    cache = kvcache.make_cache(tiny_model(), 2 if kind == "kivi2" else 8, 16, 32)
+    quantized = [la for la in cache.layers if isinstance(la, (kivi.KiviLayer, kvcache.Int8KVLayer))]
+    assert quantized and all(la.workspace is cache.workspace for la in quantized)
 
 
 # ------------------------------------------------------------------ prefill == step-by-step

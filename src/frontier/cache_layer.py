@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["TensorMapLayerMixin"]
+__all__ = ["DequantWorkspace", "TensorMapLayerMixin", "scratch"]
 
 
 class TensorMapLayerMixin:
@@ -39,3 +39,39 @@ class TensorMapLayerMixin:
     def prefetch(self):
         if self.is_initialized and self.keys.device != self.device:
             self._map_tensors(lambda t: t.to(self.device, non_blocking=True))
+
+
+class DequantWorkspace:
+    """Scratch shared by the layers of one quantized KV cache (:class:`frontier.kivi.KiviLayer`,
+    :class:`frontier.kvcache.Int8KVLayer`): the dense keys/values a decode step attends to and
+    the intermediate codes, each one buffer sized for the largest layer and reused by the next
+    layer's ``update`` (layers run one after another and attention consumes its keys/values before
+    the next layer's update). Fresh multi-megabyte tensors per layer and step cost more in page
+    faults than the dequantization itself on CPU. It holds one layer's dense K/V, not a cache: it
+    is not counted in ``state_bytes`` and is overwritten every layer."""
+
+    GROWTH = 1.25  # decode grows L by one token per step: reallocate rarely
+
+    def __init__(self):
+        self._bufs: dict = {}
+
+    def take(self, role: str, shape, dtype, device) -> torch.Tensor:
+        numel = 1
+        for s in shape:
+            numel *= int(s)
+        buf = self._bufs.get(role)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != torch.device(device):
+            with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode
+                buf = torch.empty(max(numel, int(numel * self.GROWTH)), dtype=dtype, device=device)
+            self._bufs[role] = buf
+        return buf[:numel].view(shape)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._bufs.values())
+
+
+def scratch(workspace, role: str, shape, dtype, device) -> torch.Tensor:
+    """``workspace.take(...)``, or a fresh tensor when there is no workspace."""
+    if workspace is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return workspace.take(role, shape, dtype, device)

@@ -39,6 +39,7 @@ weights):
   KIVI with ``kv_group`` G and ``kv_residual`` R (``quant_cfg``, default 32 / 128): keys
   ``nk = B·floor(L/B)`` tokens packed (B = R, or G when R = 0) + an fp16 scale and zero per
   channel per G tokens, ``L - nk`` keys in the model dtype; values ``nv = max(L - R, 0)`` packed
+  (``ceil(nv·bits/8)`` bytes per channel: rows of 8/bits tokens, the last one possibly part-filled)
   + an fp16 scale and zero per token per G channels, ``min(L, R)`` in the model dtype.
 * Feature dims per map: elu/relu F = head_dim; hedgehog 2·feature_dim (null → head_dim);
   taylor ``1 + d' + d'(d'+1)/2`` with d' = feature_dim (16); performer feature_dim (64);
@@ -282,7 +283,7 @@ def kv_layer_bytes(L: int, kv_heads: int, head_dim: int, kv: dict) -> float:
         block = r or g
         nk, nv = (L // block) * block, max(L - r, 0)
         keys = nk * n * bits / 8.0 + (nk // g) * n * 2 * KIVI_SCALE_BYTES + (L - nk) * n * db
-        values = nv * n * bits / 8.0 + nv * (n // g) * 2 * KIVI_SCALE_BYTES + (L - nv) * n * db
+        values = -(-nv * bits // 8) * n + nv * (n // g) * 2 * KIVI_SCALE_BYTES + (L - nv) * n * db
         return keys + values
     return 2.0 * n * L * bits / 8.0
 

@@ -25,17 +25,19 @@ model dtype):
 * keys: ``key_codes`` [B, H, Nk/per, D] — within each group of ``group`` tokens, byte row r holds
   the codes of tokens r, r + group/per, r + 2·group/per, ... (bit-planes along the token axis, so
   unpacking is a shift over contiguous rows); ``key_scale`` / ``key_zero`` [B, H, Nk/group, D];
-* values: ``value_codes`` [B, H, D/per, Nv] — byte row j of a token holds channels j, j + D/per,
-  ...; stored channel-major so that unpacking and the per-token scales broadcast over contiguous
-  rows; ``value_scale`` / ``value_zero`` [B, H, D/group, Nv];
+* values: ``value_codes`` [B, H, ceil(Nv/per), D] — byte row r holds the codes of tokens
+  per·r .. per·r + per - 1 (bit-planes over blocks of ``per`` tokens; values arrive one token at a
+  time, so the last row may be partly filled); ``value_scale`` / ``value_zero`` [B, H, Nv, D/group];
 * ``keys`` / ``values``: the full-precision residuals [B, H, r, D] (transformers' own
   ``QuantizedLayer`` keeps its residual there too).
 
-``update`` dequantizes the packed blocks straight into the tensors it returns ([B, H, T, D] views
-of token-outer buffers, head_dim contiguous) and keeps no dense copy of them: decode reads the
-packed cache and the residual only. On CPU this costs several elementwise passes over L x head_dim
-per layer and step (bench/kvcache.py: 2-bit decode ~0.6x the 16-bit cache's at L = 4,096 on
-SmolLM2-135M); KIVI fuses dequantization into the attention matmuls on GPU.
+``update`` dequantizes the packed blocks into contiguous [B, H, T, D] keys and values for
+attention (two vectorised passes per tensor after a shift-and-mask unpack) and keeps no dense copy
+of them: decode reads the packed cache and the residual only. A `KiviCache` gives its layers one
+shared :class:`DequantWorkspace` for those tensors (one layer's worth, overwritten by the next layer),
+because fresh multi-megabyte tensors per layer and step cost more in page faults than the
+dequantization itself on CPU (bench/kvcache.py measures decode against the 16-bit cache). KIVI
+fuses dequantization into the attention matmuls on GPU.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ from typing import Optional
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from .cache_layer import TensorMapLayerMixin
+from .cache_layer import DequantWorkspace, TensorMapLayerMixin, scratch
 
 KIVI_BITS = (2, 4)
 SCALE_DTYPE = torch.float16  # KIVI keeps scales and zero points (its "mn") in fp16
@@ -70,13 +72,19 @@ def pack_codes(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return shifted.sum(dim=dim, dtype=torch.uint8)  # disjoint bits: the sum is a bitwise or
 
 
-def unpack_codes(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: uint8 codes, ``dim`` grown by 8 // bits."""
+def unpack_codes(packed: torch.Tensor, bits: int, dim: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: uint8 codes, ``dim`` grown by 8 // bits (written into ``out``,
+    a contiguous uint8 tensor of the result's size, when given: two passes, no allocation)."""
     per = 8 // bits
     dim = dim % packed.dim()
     shape = [1] * (packed.dim() + 1)
     shape[dim] = per
-    planes = torch.bitwise_and(packed.unsqueeze(dim) >> _shifts(bits, packed.device).view(shape), (1 << bits) - 1)
+    planes_shape = list(packed.shape)
+    planes_shape.insert(dim, per)
+    planes = (torch.empty(planes_shape, dtype=torch.uint8, device=packed.device) if out is None
+              else out.view(planes_shape))
+    torch.bitwise_right_shift(packed.unsqueeze(dim), _shifts(bits, packed.device).view(shape), out=planes)
+    planes.bitwise_and_((1 << bits) - 1)
     return planes.flatten(dim, dim + 1)
 
 
@@ -103,38 +111,77 @@ def quantize_keys(k: torch.Tensor, bits: int, group: int):
 
 
 def quantize_values(v: torch.Tensor, bits: int, group: int):
-    """Values [B, H, n, D] → (codes [B, H, D/per, n], scale, zero [B, H, D/group, n]): per token,
-    one scale/zero per group of ``group`` channels (stored channel-major)."""
+    """Values [B, H, n, D] → (unpacked uint8 codes [B, H, n, D], scale, zero [B, H, n, D/group]): per
+    token, one scale/zero per group of ``group`` channels. :func:`append_value_codes` packs them."""
     b, h, n, d = v.shape
-    vt = v.transpose(-1, -2).reshape(b, h, d // group, group, n)
-    codes, scale, zero = _minmax(vt, 3, bits)
-    packed = pack_codes(codes.reshape(b, h, d, n), bits, dim=2)  # [B, H, D/per, n]
-    return packed, scale.squeeze(3), zero.squeeze(3)
+    codes, scale, zero = _minmax(v.reshape(b, h, n, d // group, group), 4, bits)
+    return codes.reshape(b, h, n, d), scale.squeeze(4), zero.squeeze(4)
 
 
-def dequantize_keys(codes, scale, zero, bits: int, group: int, out: Optional[torch.Tensor] = None, dtype=None):
-    """[B, H, n, D] keys from :func:`quantize_keys`' output (written into ``out`` when given)."""
+def append_value_codes(packed: torch.Tensor, n: int, codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Packed value codes [B, H, ceil(n / per), D] holding tokens 0..n-1, with ``codes`` [B, H, m, D]
+    (tokens n..n+m-1) added: byte row r holds tokens per·r .. per·r + per - 1 in its bit-planes
+    (blocks of ``per`` consecutive tokens, so unpacking writes whole token rows). A partly filled
+    last row is completed first; a new partial row is zero-padded."""
+    per = 8 // bits
+    b, h, m, d = codes.shape
+    k = n % per
+    if k:  # complete the last row: tokens n.. go to planes k..
+        take = min(per - k, m)
+        head = codes[:, :, :take] << _shifts(bits, codes.device)[k:k + take].view(take, 1)
+        last = packed[:, :, -1:] | head.sum(2, keepdim=True, dtype=torch.uint8)
+        packed = torch.cat([packed[:, :, :-1], last], 2)
+        codes = codes[:, :, take:]
+    if codes.shape[2]:
+        pad = -codes.shape[2] % per
+        if pad:
+            codes = torch.cat([codes, codes.new_zeros(b, h, pad, d)], 2)
+        rows = pack_codes(codes.unflatten(2, (-1, per)), bits, dim=3).squeeze(3)  # [B, H, m/per, D]
+        packed = torch.cat([packed, rows], 2)
+    return packed
+
+
+def _affine_into(out: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+    """out = codes * scale + zero, with ``codes`` (uint8) converted into ``out`` first: addcmul on
+    a uint8 operand takes a scalar path (~6x slower in fp32 on CPU); this is two vectorised passes.
+    Same values as computing on the promoted codes (small integers are exact in every float dtype)."""
+    out.copy_(codes)
+    torch.addcmul(zero.to(out.dtype), out, scale.to(out.dtype), out=out)
+
+
+def dequantize_keys(codes, scale, zero, bits: int, group: int, out: Optional[torch.Tensor] = None, dtype=None,
+                    scratch: Optional[torch.Tensor] = None):
+    """[B, H, n, D] keys from :func:`quantize_keys`' output, written into ``out`` when given (any
+    strides over B and H); ``scratch``: a uint8 buffer of n x D x B x H elements for the codes."""
     b, h, rows, d = codes.shape
     per = 8 // bits
     n = rows * per
-    c = unpack_codes(codes.reshape(b, h, n // group, group // per, d), bits, dim=3)  # [B, H, n/group, group, D]
+    c = unpack_codes(codes.reshape(b, h, n // group, group // per, d), bits, dim=3, out=scratch)
     if out is None:
         out = torch.empty(b, h, n, d, dtype=dtype or torch.float32, device=codes.device)
-    torch.addcmul(zero.unsqueeze(3).to(out.dtype), c, scale.unsqueeze(3).to(out.dtype),
-                  out=out.view(b, h, n // group, group, d))
+    _affine_into(out.unflatten(2, (n // group, group)), c, scale.unsqueeze(3), zero.unsqueeze(3))
     return out
 
 
-def dequantize_values_t(codes, scale, zero, bits: int, group: int, out: Optional[torch.Tensor] = None, dtype=None):
-    """Channel-major [B, H, D, n] values from :func:`quantize_values`' output (into ``out``, which
-    may be a column slice of a wider buffer)."""
-    b, h, rows, n = codes.shape
-    d = rows * (8 // bits)
-    c = unpack_codes(codes, bits, dim=2)  # [B, H, D, n]
+def dequantize_values(codes, scale, zero, bits: int, group: int, out: Optional[torch.Tensor] = None, dtype=None,
+                      scratch: Optional[torch.Tensor] = None, scratch_f: Optional[torch.Tensor] = None):
+    """[B, H, n, D] values (n = ``scale.shape[2]``) from :func:`append_value_codes`' rows, written
+    into ``out`` when given; ``scratch`` (uint8) and ``scratch_f`` (``out``'s dtype): buffers of
+    B·H·rows·per·D elements. The zero points are broadcast into ``out`` first and the codes x scales
+    added by one addcmul: an elementwise op with two inputs broadcast along its innermost (channel)
+    dimension takes a scalar loop on CPU; this way each pass has at most one, and the result is
+    that of ``addcmul(zero, codes, scale)``."""
+    b, h, rows, d = codes.shape
+    n = scale.shape[2]
+    c = unpack_codes(codes.unsqueeze(3), bits, dim=3, out=scratch).view(b, h, -1, d)[:, :, :n]  # [B, H, n, D]
     if out is None:
-        out = torch.empty(b, h, d, n, dtype=dtype or torch.float32, device=codes.device)
-    torch.addcmul(zero.unsqueeze(3).to(out.dtype), c.view(b, h, d // group, group, n), scale.unsqueeze(3).to(out.dtype),
-                  out=out.unflatten(2, (d // group, group)))
+        out = torch.empty(b, h, n, d, dtype=dtype or torch.float32, device=codes.device)
+    cf = (torch.empty(b, h, n, d, dtype=out.dtype, device=codes.device) if scratch_f is None
+          else scratch_f.view(b, h, n, d))
+    cf.copy_(c)
+    og = out.unflatten(3, (d // group, group))
+    og.copy_(zero.unsqueeze(4).to(out.dtype).expand(og.shape))  # convert the few zeros, then broadcast
+    torch.addcmul(og, cf.unflatten(3, (d // group, group)), scale.unsqueeze(4).to(out.dtype), out=og)
     return out
 
 
@@ -144,8 +191,10 @@ class KiviLayer(TensorMapLayerMixin, DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, bits: int = 2, group: int = 32, residual: int = 128, **kwargs):
+    def __init__(self, bits: int = 2, group: int = 32, residual: int = 128,
+                 workspace: Optional[DequantWorkspace] = None, **kwargs):
         super().__init__()
+        self.workspace = workspace  # shared by the cache's layers (KiviCache); None: fresh tensors per step
         if bits not in KIVI_BITS:
             raise ValueError(f"KiviLayer bits must be one of {KIVI_BITS}, got {bits!r}")
         if group < 1 or group % (8 // bits) or residual < 0 or residual % group:
@@ -172,8 +221,8 @@ class KiviLayer(TensorMapLayerMixin, DynamicLayer):
         self.key_codes = torch.empty(b, h, 0, d, dtype=torch.uint8, device=dev)
         self.key_scale = torch.empty(b, h, 0, d, dtype=SCALE_DTYPE, device=dev)
         self.key_zero = torch.empty_like(self.key_scale)
-        self.value_codes = torch.empty(b, h, d // per, 0, dtype=torch.uint8, device=dev)
-        self.value_scale = torch.empty(b, h, d // self.group, 0, dtype=SCALE_DTYPE, device=dev)
+        self.value_codes = torch.empty(b, h, 0, d, dtype=torch.uint8, device=dev)
+        self.value_scale = torch.empty(b, h, 0, d // self.group, dtype=SCALE_DTYPE, device=dev)
         self.value_zero = torch.empty_like(self.value_scale)
         self.is_initialized = True
 
@@ -182,7 +231,7 @@ class KiviLayer(TensorMapLayerMixin, DynamicLayer):
         """(packed keys, packed values) in tokens."""
         if not self.is_initialized:
             return 0, 0
-        return self.key_codes.shape[2] * (8 // self.bits), self.value_codes.shape[-1]
+        return self.key_codes.shape[2] * (8 // self.bits), self.value_scale.shape[2]
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
@@ -205,33 +254,36 @@ class KiviLayer(TensorMapLayerMixin, DynamicLayer):
         nk, nv = self.quantized_lengths()
         res_k = torch.cat([self.keys, key_states.to(self.dtype)], dim=-2) if self.keys.shape[-2] else key_states
         res_v = torch.cat([self.values, value_states.to(self.dtype)], dim=-2) if self.values.shape[-2] else value_states
-        keys, values = self._attend_view(res_k, res_v, nk, nv)
+        grad = torch.is_grad_enabled() and (res_k.requires_grad or res_v.requires_grad)
+        keys, values = self._attend_view(res_k, res_v, nk, nv, None if grad else self.workspace)
         self._flush(res_k, res_v)
         return keys, values
 
-    def _attend_view(self, res_k, res_v, nk: int, nv: int):
-        """Packed past (dequantized) followed by the residual + new tokens, as [B, H, T, D] views of
-        token-outer [T, B, H, D] buffers: the packed part is then one dense prefix that the
-        dequantization writes in place (an elementwise op writing a strided slice takes a slow copy
-        path on CPU), each buffer is one allocation, and head_dim keeps stride 1 (SDPA's fused CPU
-        kernel needs it)."""
+    def _attend_view(self, res_k, res_v, nk: int, nv: int, workspace: Optional[DequantWorkspace] = None):
+        """The packed past (dequantized) followed by the residual + new tokens, as contiguous
+        [B, H, T, D] tensors (SDPA's fused CPU kernel wants head_dim at stride 1, and runs ~1.4x
+        faster on contiguous tokens than on token-outer views). With a ``workspace`` they are views
+        of its buffers, valid until the next layer's update."""
         if nk == 0 and nv == 0:
             return res_k, res_v
+        def take(role, shape, dtype, device):
+            return scratch(workspace, role, shape, dtype, device)
+
         b, h, rk, d = res_k.shape
-        kbuf = res_k.new_empty(nk + rk, b, h, d)
-        if nk:
-            dequantize_keys(self.key_codes, self.key_scale, self.key_zero, self.bits, self.group,
-                            out=kbuf[:nk].permute(1, 2, 0, 3))
-        kbuf[nk:].copy_(res_k.permute(2, 0, 1, 3))
         rv, dv = res_v.shape[-2], res_v.shape[-1]
-        vbuf = res_v.new_empty(nv + rv, b, h, dv)
-        if nv:  # dequantized channel-major (contiguous writes), then one transposing copy: an
-            # elementwise op writing the transposed view directly takes a strided path 2-4x slower
-            vt = dequantize_values_t(self.value_codes, self.value_scale, self.value_zero, self.bits, self.group,
-                                     dtype=vbuf.dtype)
-            vbuf[:nv].copy_(vt.permute(3, 0, 1, 2))
-        vbuf[nv:].copy_(res_v.permute(2, 0, 1, 3))
-        return kbuf.permute(1, 2, 0, 3), vbuf.permute(1, 2, 0, 3)
+        kbuf = take("keys", (b, h, nk + rk, d), res_k.dtype, res_k.device)
+        if nk:
+            dequantize_keys(self.key_codes, self.key_scale, self.key_zero, self.bits, self.group, out=kbuf[:, :, :nk],
+                            scratch=take("codes", (b * h * nk * d,), torch.uint8, res_k.device))
+        kbuf[:, :, nk:].copy_(res_k)
+        vbuf = take("values", (b, h, nv + rv, dv), res_v.dtype, res_v.device)
+        if nv:
+            rows = self.value_codes.shape[2] * (8 // self.bits)
+            dequantize_values(self.value_codes, self.value_scale, self.value_zero, self.bits, self.group,
+                              out=vbuf[:, :, :nv], scratch=take("codes", (b * h * rows * dv,), torch.uint8, res_v.device),
+                              scratch_f=take("codes_f", (b * h * nv * dv,), res_v.dtype, res_v.device))
+        vbuf[:, :, nv:].copy_(res_v)
+        return kbuf, vbuf
 
     def _flush(self, res_k: torch.Tensor, res_v: torch.Tensor) -> None:
         """Quantize whole key blocks of the residual, and every value older than the window."""
@@ -245,9 +297,9 @@ class KiviLayer(TensorMapLayerMixin, DynamicLayer):
         m = max(res_v.shape[-2] - self.residual, 0)
         if m:
             c, s, z = quantize_values(res_v[:, :, :m], self.bits, self.group)
-            self.value_codes = torch.cat([self.value_codes, c], dim=-1)
-            self.value_scale = torch.cat([self.value_scale, s], dim=-1)
-            self.value_zero = torch.cat([self.value_zero, z], dim=-1)
+            self.value_codes = append_value_codes(self.value_codes, self.value_scale.shape[2], c, self.bits)
+            self.value_scale = torch.cat([self.value_scale, s], dim=2)
+            self.value_zero = torch.cat([self.value_zero, z], dim=2)
         self.values = res_v[:, :, m:].clone()
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from .cache_layer import TensorMapLayerMixin
+from .cache_layer import DequantWorkspace, TensorMapLayerMixin
 
 KV_BITS = (16, 8, 4, 2)
 KV_KEYS = ("kv_bits", "kv_group", "kv_residual")  # quant.* keys read at evaluation only
@@ -49,8 +49,20 @@ def quantize_int8(x: torch.Tensor):
     return q, scale
 
 
-def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype) -> torch.Tensor:
-    return (q.to(torch.float32) * scale).to(dtype)
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype, workspace=None, role: str = "x") -> torch.Tensor:
+    """codes x scale computed in float32, in ``dtype``; with a ``workspace`` (see
+    :class:`frontier.cache_layer.DequantWorkspace`) into its buffers (``role``: which one), the
+    same values without allocating."""
+    if workspace is None:
+        return (q.to(torch.float32) * scale).to(dtype)
+    f = workspace.take(role if dtype == torch.float32 else "float32", q.shape, torch.float32, q.device)
+    f.copy_(q)
+    f.mul_(scale)
+    if dtype == torch.float32:
+        return f
+    out = workspace.take(role, q.shape, dtype, q.device)
+    out.copy_(f)
+    return out
 
 
 class Int8KVLayer(TensorMapLayerMixin, DynamicLayer):
@@ -62,8 +74,9 @@ class Int8KVLayer(TensorMapLayerMixin, DynamicLayer):
 
     is_croppable = True
 
-    def __init__(self, **kwargs):
+    def __init__(self, workspace=None, **kwargs):
         super().__init__()
+        self.workspace = workspace  # shared by the cache's layers (Int8KVCache); None: fresh tensors
         self.key_scale: Optional[torch.Tensor] = None
         self.value_scale: Optional[torch.Tensor] = None
         self.dtype = None
@@ -88,7 +101,10 @@ class Int8KVLayer(TensorMapLayerMixin, DynamicLayer):
         self.key_scale = torch.cat([self.key_scale, ks], dim=-2)
         self.value_scale = torch.cat([self.value_scale, vs], dim=-2)
         dtype = key_states.dtype
-        return dequantize_int8(self.keys, self.key_scale, dtype), dequantize_int8(self.values, self.value_scale, dtype)
+        grad = torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad)
+        ws = None if grad else self.workspace
+        return (dequantize_int8(self.keys, self.key_scale, dtype, ws, "keys"),
+                dequantize_int8(self.values, self.value_scale, dtype, ws, "values"))
 
     def get_seq_length(self) -> int:
         if not self.is_initialized or self.keys is None:
@@ -126,10 +142,12 @@ class Int8KVCache(DynamicCache):
 
     def __init__(self, config=None, **kwargs):
         super().__init__(config=config, **kwargs)
+        self.workspace = DequantWorkspace()  # one layer's dense K/V scratch, shared by every layer
+        make = functools.partial(Int8KVLayer, workspace=self.workspace)
         if config is None:
-            self.layer_class_to_replicate = Int8KVLayer
+            self.layer_class_to_replicate = make
         else:
-            self.layers = [Int8KVLayer() if type(layer) is DynamicLayer else layer for layer in self.layers]
+            self.layers = [make() if type(layer) is DynamicLayer else layer for layer in self.layers]
 
 
 class KiviCache(DynamicCache):
@@ -139,7 +157,8 @@ class KiviCache(DynamicCache):
         from frontier.kivi import KiviLayer
 
         super().__init__(config=config, **kwargs)
-        make = functools.partial(KiviLayer, bits=bits, group=group, residual=residual)
+        self.workspace = DequantWorkspace()  # one layer's dense K/V scratch, shared by every layer
+        make = functools.partial(KiviLayer, bits=bits, group=group, residual=residual, workspace=self.workspace)
         if config is None:
             self.layer_class_to_replicate = make
         else:
