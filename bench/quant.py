@@ -413,7 +413,8 @@ def smollm2_notes(sec: dict) -> dict:
         notes["smollm2.noise"] = (
             "the 2 cores were shared with other sessions during the run: the unquantized model's tokens/s ranged "
             + "; ".join(f"{d} {k} {v[0]}-{v[1]}" for d, n in noise.items() for k, v in n["none_min_max"].items())
-            + ". `ratios` divide each method by the unquantized model timed right after it (none_adjacent); "
+            + ". `ratios` are each method's median paired ratio: the method and the unquantized model timed "
+              "alternately (ABBA, 5 pairs; 3 at L=2048), base time / method time per pair (paired_ratios); "
               "noise.ratios_vs_best_none divides by the best unquantized timing of the run (conservative). The "
               "per-shape `candidates` (back to back in one process) are the steadier comparison of the layers: "
               "`layer_costs` sums them over one decoder layer's 7 linears (time of fastpath's choice / time of "

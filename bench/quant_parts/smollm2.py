@@ -16,6 +16,7 @@ import copy
 import gc
 import importlib.util
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -191,48 +192,67 @@ def quantize(model, method: str, compose) -> dict:
 
 
 @torch.inference_mode()
-def _prefill_s(model, L: int, repeats: int) -> float:
+def _prefill_s(model, L: int) -> float:
+    """Seconds of one prefill of L random tokens."""
     ids = torch.randint(0, model.config.vocab_size, (1, L), generator=torch.Generator().manual_seed(L))
-    return best_time(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1), repeats)
+    t = time.perf_counter()
+    model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    return time.perf_counter() - t
 
 
 @torch.inference_mode()
-def _decode_tok_s(model, L: int, new: int, repeats: int) -> float:
+def _decode_s(model, L: int, new: int) -> float:
+    """Seconds per token of `new` greedy decode steps after an (untimed) prefill of L tokens and
+    two untimed steps (the first rounds compile the few-row kernels)."""
     ids = torch.randint(0, model.config.vocab_size, (1, L), generator=torch.Generator().manual_seed(L))
-    best = float("inf")
-    for i in range(repeats + 1):  # the first round warms up (compiles the few-row kernels): not timed
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    tok = out.logits[:, -1:].argmax(-1)
+    for i in range(new + 2):
+        if i == 2:
+            t = time.perf_counter()
         cache = getattr(out, "cache", None) or out.past_key_values
+        out = model(input_ids=tok, cache=cache, use_cache=True, logits_to_keep=1)
         tok = out.logits[:, -1:].argmax(-1)
-        if i == 0:
-            for _ in range(2):
-                out = model(input_ids=tok, cache=cache, use_cache=True, logits_to_keep=1)
-                cache = getattr(out, "cache", None) or out.past_key_values
-                tok = out.logits[:, -1:].argmax(-1)
-            continue
-        t = time.perf_counter()
-        for _ in range(new):
-            out = model(input_ids=tok, cache=cache, use_cache=True, logits_to_keep=1)
-            cache = getattr(out, "cache", None) or out.past_key_values
-            tok = out.logits[:, -1:].argmax(-1)
-        best = min(best, (time.perf_counter() - t) / new)
-    return 1.0 / best
+    return (time.perf_counter() - t) / new
 
 
-def _measure(model, quick: bool, slow: bool = False) -> dict:
-    reps = 1 if (quick or slow) else 2
-    p512 = _prefill_s(model, 512, reps)
-    return {"prefill_tok_s@512": round(512 / p512, 1),
-            "decode_tok_s@512": round(_decode_tok_s(model, 512, 8 if (quick or slow) else 12, reps), 2),
-            "prefill_tok_s@2048": (round(2048 / _prefill_s(model, 2048, reps), 1)
-                                   if p512 < 10 else None)}  # a path this slow is not timed at 2048
+METRICS = (("prefill_tok_s@512", lambda m: _prefill_s(m, 512), 512),
+           ("prefill_tok_s@2048", lambda m: _prefill_s(m, 2048), 2048),
+           ("decode_tok_s@512", lambda m: _decode_s(m, 512, 12), 1))
+
+
+def _measure(model, base=None, pairs: int = 5) -> dict:
+    """Tokens/s per metric (the best of `pairs` timings, after one warm-up). With `base` (the
+    unquantized model), the two are timed alternately, ABBA..., and `paired_ratios` holds the
+    median over pairs of base time / model time: a ratio of two timings taken seconds apart, so a
+    shared machine's drift hits both sides of each pair alike."""
+    r, ref, ratios = {}, {}, {}
+    for key, fn, tokens in METRICS:
+        n = pairs if key != "prefill_tok_s@2048" else max(1, (pairs + 1) // 2)
+        fn(model)
+        if base is not None:
+            fn(base)
+        tm, tb = [], []
+        for i in range(n):
+            order = (model, base) if i % 2 == 0 else (base, model)
+            for m in order:
+                if m is None:
+                    continue
+                (tm if m is model else tb).append(fn(m))
+        r[key] = round(tokens / min(tm), 2)
+        if base is not None:
+            ref[key] = round(tokens / min(tb), 2)
+            ratios[key] = round(statistics.median(b / a for a, b in zip(tm, tb)), 3)
+    if base is not None:
+        r["none_adjacent"] = ref
+        r["paired_ratios"] = ratios
+    return r
 
 
 def whole_model(methods: list, dtypes: list, threads: int, compose, quick: bool = False, log=print) -> dict:
-    """{dtype: {method: {prefill_tok_s@512, prefill_tok_s@2048, decode_tok_s@512, ...}}}. The
-    unquantized model is timed again right after each method (`none_adjacent`): the machine is
-    shared, and a ratio of two timings taken together is steadier than one against a timing taken
-    minutes earlier."""
+    """{dtype: {method: {prefill_tok_s@512, prefill_tok_s@2048, decode_tok_s@512, ...}}}. Each
+    method is timed alternately with the unquantized model (`_measure`: `none_adjacent`,
+    `paired_ratios`)."""
     torch.set_num_threads(threads)
     out = {}
     for dname in dtypes:
@@ -247,7 +267,8 @@ def whole_model(methods: list, dtypes: list, threads: int, compose, quick: bool 
             FP._SCRATCH.clear()
             r = {"storage": facts.get("storage"), "tensor_types": facts.get("tensor_types"),
                  "quantize_s": round(qs, 1), "linear_bytes": Q.linear_stats(model)["linear_bytes"]}
-            r.update(_measure(model, quick, slow=method == "w8a8"))  # w8a8: torch._int_mm on CPU, one repeat
+            slow = method == "w8a8"  # torch._int_mm on CPU: slow at every shape, one pair
+            r.update(_measure(model, None if method == "none" else base, pairs=1 if (quick or slow) else 5))
             r["dense_attributes"] = len(dequant.dense_attributes(model))
             r["scratch_MB"] = round(FP.scratch_bytes() / 1e6, 2)
             r["linear_bytes_after"] = Q.linear_stats(model)["linear_bytes"]
@@ -255,21 +276,20 @@ def whole_model(methods: list, dtypes: list, threads: int, compose, quick: bool 
             if method != "none":
                 del model
                 gc.collect()
-                r["none_adjacent"] = _measure(base, quick)
             out[dname][method] = r
             log(f"  {dname} {method:10s} prefill@512 {r['prefill_tok_s@512']:8.1f} tok/s  prefill@2048 "
                 f"{r['prefill_tok_s@2048']}  decode@512 {r['decode_tok_s@512']:6.2f} tok/s  "
                 f"[{r['storage']}] scratch {r['scratch_MB']} MB  load {r['load_avg_1m']}"
-                + (f"  (none again: {r['none_adjacent']})" if "none_adjacent" in r else ""))
+                + (f"  (paired ratios: {r['paired_ratios']})" if "paired_ratios" in r else ""))
         del base
         gc.collect()
     return out
 
 
 def ratios(whole: dict) -> dict:
-    """Each method's tokens/s over the unquantized model's in the same dtype, timed right after it
-    (`none_adjacent`; the first `none` timing where absent)."""
-    keys = ("prefill_tok_s@512", "prefill_tok_s@2048", "decode_tok_s@512")
+    """Each method's tokens/s over the unquantized model's in the same dtype: the median paired
+    ratio (`paired_ratios`), else the best timings' ratio against the first `none` timing."""
+    keys = tuple(k for k, _, _ in METRICS)
     out = {}
     for dname, res in whole.items():
         first = res.get("none")
@@ -278,6 +298,9 @@ def ratios(whole: dict) -> dict:
         out[dname] = {}
         for m, r in res.items():
             if m == "none":
+                continue
+            if r.get("paired_ratios"):
+                out[dname][m] = dict(r["paired_ratios"])
                 continue
             ref = r.get("none_adjacent") or first
             out[dname][m] = {k: (round(r[k] / ref[k], 3) if r.get(k) and ref.get(k) else None) for k in keys}

@@ -149,7 +149,9 @@ def _run_compiled(fn_name: str, *args):
 
 def _buffer(numel: int, dtype, scratch: bool) -> torch.Tensor:
     """Room for one dense weight: the shared scratch (forward/backward: overwritten by the next
-    layer, so at most one layer's dense weight exists) or a fresh tensor (`dense`)."""
+    layer, so at most one layer's dense weight exists) or a fresh tensor (`dense`). One buffer per
+    dtype (uint8: the int4 kernel's transposed bytes); reusing it also spares the page faults of a
+    fresh multi-hundred-kilobyte tensor per call."""
     if not scratch:
         return torch.empty(numel, dtype=dtype)
     buf = _SCRATCH.get(dtype)
@@ -173,7 +175,8 @@ def _int4_dense(w, dtype, scratch: bool) -> torch.Tensor:
             and w.qdata.numel() * 2 == n * k and _int4_layout_ok(0)):
         out = _buffer(n * k, dtype, scratch).view(k, n // 64, 2, 32)
         s, z = sz[..., 0].to(torch.float32).contiguous(), sz[..., 1].to(torch.float32).contiguous()
-        blk_t = w.qdata.view(n // 64, k, 1, 32).transpose(0, 1).contiguous()  # bytes only: 1/4 of the output
+        blk_t = _buffer(n * k // 2, torch.uint8, scratch).view(k, n // 64, 1, 32)  # bytes only: 1/4 of the output
+        blk_t.copy_(w.qdata.view(n // 64, k, 1, 32).transpose(0, 1))
         if _run_compiled("_int4_deq_t", out, blk_t, s, z, _SHIFT4, g)[0]:
             return out.view(k, n).t()
     q = int4_opaque_codes(w)
