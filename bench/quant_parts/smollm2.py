@@ -375,18 +375,28 @@ def checks(rat: dict, notes: dict) -> dict:
 
 
 def _prefill_miss(dname, m, L, r) -> str:
-    return (f"prefill@{L} {r[f'prefill_tok_s@{L}']}x. Cause, measured per layer (layer_costs, candidates): each "
-            "forward dequantizes every weight once (one fused pass into a shared scratch) before the dense "
-            "matmul; in bf16 the matmuls run on the AMX units, so the pass (int8 ~0.2-0.3 ms, int4 ~0.4-0.5 ms, "
-            "NF4 ~0.4-0.5 ms, 3-bit planes ~1 ms per 1536x576 on one core) is 0-40% on top of a 512-row "
-            "matmul, most on the small k/v and q/o layers, and halves at each doubling of L. Part of the miss is "
-            "noise: the unquantized model's own tokens/s ranged by 2-4x during the run (noise.none_min_max), "
-            "and the same tensor types (int4_g32, int4_g64, gptq4_g64, awq4_g64, hqq4_g64 are all "
-            "Int4OpaqueTensor) landed 0.58-0.86x at L=512 minutes apart")
+    return (f"prefill@{L} {r[f'prefill_tok_s@{L}']}x (median of 5 paired timings against the unquantized model, "
+            "so not machine noise). Cause, measured per layer (layer_costs, candidates): each forward dequantizes "
+            "every weight once (one fused torch.compile'd pass into a shared scratch) before the dense matmul; in "
+            "bf16 the matmuls run on the AMX units, so the pass (int4 ~0.2 ms per 576x576, ~0.45 ms per 1536x576, "
+            "~0.1 ms per 192x576 on one core: ~2-3 ms per decoder layer, 60-100 ms of a ~350 ms 512-token "
+            "forward) is 10-40% on top of a 512-row matmul, most on the small k/v layers where it equals the "
+            "matmul, and halves at each doubling of L (>= 0.87x at 2048). Kernel variants tried (2026-12-05): the "
+            "byte transpose fused into the compiled kernel (permuted view: no faster than copy + kernel), scale and "
+            "zero read interleaved inside the kernel (4x slower), 256-bit vectors (4x slower), a contiguous "
+            "duplicated-byte layout (no faster); the compiled pass runs ~2 G elements/s on this core, about what "
+            "eager bf16 elementwise ops reach here (addcmul ~2.2 G/s), so a faster pass needs a hand-written "
+            "kernel")
 
 
 def _decode_miss(dname, m, r) -> str:
     ratio = r["decode_tok_s@512"]
+    if dname == "fp32" and m == "int8":
+        return (f"decode {ratio}x with fp32 activations: fastpath's fp32 int8 decode is an Inductor reduction "
+                "over the int8 bytes (candidates: the fastest fp32 candidate, 0.55-1.08x the dense matvec's time per "
+                "layer across runs); the whole step ties the dense fp32 model (0.99-1.07x across runs: the 1.0x target is "
+                "within the run's noise). torch's int8pack kernel is 3-5x slower with fp32 activations, and the "
+                "bf16 kernel would round the activations (not the fp32 model's function)")
     if dname == "fp32":
         return (f"decode {ratio}x with fp32 activations: no kernel here multiplies fp32 activations by "
                 "low-bit weights at memory speed (candidates, fp32: torch's int4 kernel has no vectorised "
