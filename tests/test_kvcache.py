@@ -2,6 +2,8 @@
 reference written from the paper, prefill/decode equivalence, hybrids, config and cost model."""
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -165,6 +167,29 @@ def test_shared_workspace_returns_what_fresh_tensors_hold_and_stays_one_layer_bi
     cache = kvcache.make_cache(tiny_model(), 2 if kind == "kivi2" else 8, 16, 32)
     quantized = [la for la in cache.layers if isinstance(la, (kivi.KiviLayer, kvcache.Int8KVLayer))]
     assert quantized and all(la.workspace is cache.workspace for la in quantized)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="torch.compile needs a C compiler")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_dequantization_equals_the_eager_passes(dtype, monkeypatch):
+    """The compiled one-pass key dequantization and value unpacking (used above COMPILE_MIN_CODES
+    packed bytes) return exactly what the eager passes return, at every step of a growing cache."""
+    g = torch.Generator().manual_seed(5)
+    B, H, D = 2, 2, 32
+    monkeypatch.setenv(kivi.COMPILE_ENV, "1")
+    layers = {True: kivi.KiviLayer(2, 16, 32), False: kivi.KiviLayer(2, 16, 32)}
+    kivi._FAILED.clear()
+    kivi._compiled.cache_clear()
+    for t, n in enumerate([150] + [1] * 40):
+        K = torch.randn(B, H, n, D, generator=g).to(dtype)
+        V = torch.randn(B, H, n, D, generator=g).to(dtype)
+        got = {}
+        for fused, layer in layers.items():
+            monkeypatch.setattr(kivi, "COMPILE_MIN_CODES", 0 if fused else 1 << 40)
+            got[fused] = [x.clone() for x in layer.update(K, V)]
+        assert torch.equal(got[True][0], got[False][0]) and torch.equal(got[True][1], got[False][1]), t
+    assert kivi._FAILED == set(), "a fused pass failed to compile and fell back to eager"
+    assert kivi._compiled.cache_info().currsize == 2  # both fused passes ran
 
 
 # ------------------------------------------------------------------ prefill == step-by-step

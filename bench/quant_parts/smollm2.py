@@ -394,8 +394,8 @@ def _decode_miss(dname, m, r) -> str:
     if dname == "fp32" and m == "int8":
         return (f"decode {ratio}x with fp32 activations: fastpath's fp32 int8 decode is an Inductor reduction "
                 "over the int8 bytes (candidates: the fastest fp32 candidate, 0.55-1.08x the dense matvec's time per "
-                "layer across runs); the whole step ties the dense fp32 model (0.99-1.07x across runs: the 1.0x target is "
-                "within the run's noise). torch's int8pack kernel is 3-5x slower with fp32 activations, and the "
+                "layer across runs); the whole step ties the dense fp32 model (0.99-1.07x across runs: the 1.0x "
+                "target is within the run's noise). torch's int8pack kernel is 3-5x slower with fp32 activations, and the "
                 "bf16 kernel would round the activations (not the fp32 model's function)")
     if dname == "fp32":
         return (f"decode {ratio}x with fp32 activations: no kernel here multiplies fp32 activations by "

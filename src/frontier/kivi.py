@@ -41,6 +41,8 @@ fuses dequantization into the attention matmuls on GPU.
 """
 from __future__ import annotations
 
+import functools
+import os
 from typing import Optional
 
 import torch
@@ -86,6 +88,46 @@ def unpack_codes(packed: torch.Tensor, bits: int, dim: int, out: Optional[torch.
     torch.bitwise_right_shift(packed.unsqueeze(dim), _shifts(bits, packed.device).view(shape), out=planes)
     planes.bitwise_and_((1 << bits) - 1)
     return planes.flatten(dim, dim + 1)
+
+
+# ------------------------------------------------------------------ fused passes (torch.compile)
+COMPILE_ENV = "FRONTIER_QUANT_COMPILE"  # 0: eager only (shared with frontier.quantize.fastpath)
+COMPILE_MIN_CODES = 1 << 16  # fewer packed code bytes (tests, short contexts): eager, nothing compiled
+_FAILED: set = set()
+
+
+def _keys_fused(out, codes, scale, zero, shifts, mask: int):
+    """out [B, H, G, per, group/per, D] = code x scale + zero from codes [B, H, G, group/per, D] and
+    scale/zero [B, H, G, D]: unpack, convert and affine in one pass, computed in float32."""
+    c = ((codes.unsqueeze(3) >> shifts) & mask).to(torch.float32)
+    s = scale.unsqueeze(3).unsqueeze(3).to(torch.float32)
+    z = zero.unsqueeze(3).unsqueeze(3).to(torch.float32)
+    out.copy_(c * s + z)
+
+
+def _unpack_convert(out, codes, shifts, mask: int):
+    """out [B, H, rows, per, D] (a float dtype) = the codes of [B, H, rows, D] bytes, in one pass."""
+    out.copy_((codes.unsqueeze(3) >> shifts) & mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(name: str):
+    """Inductor kernel of one of the fused passes; dynamic shapes (the cache grows every step)."""
+    return torch.compile(globals()[name], dynamic=True)
+
+
+def _run_fused(name: str, n_codes: int, *args) -> bool:
+    """Run a fused pass if compiling is on and worth it; False (caller goes eager) otherwise or when
+    compiling fails (no C++ compiler...: eager from then on)."""
+    if (name in _FAILED or n_codes < COMPILE_MIN_CODES or args[0].device.type != "cpu"
+            or os.environ.get(COMPILE_ENV, "1").lower() in ("0", "false", "no")):
+        return False
+    try:
+        _compiled(name)(*args)
+        return True
+    except Exception:  # noqa: BLE001 - eager from here on
+        _FAILED.add(name)
+        return False
 
 
 # ------------------------------------------------------------------ quantization (min-max, asymmetric)
@@ -142,11 +184,14 @@ def append_value_codes(packed: torch.Tensor, n: int, codes: torch.Tensor, bits: 
 
 
 def _affine_into(out: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
-    """out = codes * scale + zero, with ``codes`` (uint8) converted into ``out`` first: addcmul on
-    a uint8 operand takes a scalar path (~6x slower in fp32 on CPU); this is two vectorised passes.
-    Same values as computing on the promoted codes (small integers are exact in every float dtype)."""
-    out.copy_(codes)
-    torch.addcmul(zero.to(out.dtype), out, scale.to(out.dtype), out=out)
+    """out = codes * scale + zero computed in float32 and rounded once to ``out``'s dtype (as the
+    fused pass does). ``codes`` (uint8) are converted first: addcmul on a uint8 operand takes a
+    scalar path (~6x slower in fp32 on CPU)."""
+    f = out if out.dtype == torch.float32 else torch.empty(out.shape, dtype=torch.float32, device=out.device)
+    f.copy_(codes)
+    torch.addcmul(zero.to(torch.float32), f, scale.to(torch.float32), out=f)
+    if f is not out:
+        out.copy_(f)
 
 
 def dequantize_keys(codes, scale, zero, bits: int, group: int, out: Optional[torch.Tensor] = None, dtype=None,
@@ -156,9 +201,13 @@ def dequantize_keys(codes, scale, zero, bits: int, group: int, out: Optional[tor
     b, h, rows, d = codes.shape
     per = 8 // bits
     n = rows * per
-    c = unpack_codes(codes.reshape(b, h, n // group, group // per, d), bits, dim=3, out=scratch)
     if out is None:
         out = torch.empty(b, h, n, d, dtype=dtype or torch.float32, device=codes.device)
+    grouped = codes.reshape(b, h, n // group, group // per, d)
+    if _run_fused("_keys_fused", codes.numel(), out.view(b, h, n // group, per, group // per, d), grouped, scale, zero,
+                  _shifts(bits, codes.device).view(per, 1, 1), (1 << bits) - 1):
+        return out
+    c = unpack_codes(grouped, bits, dim=3, out=scratch)
     _affine_into(out.unflatten(2, (n // group, group)), c, scale.unsqueeze(3), zero.unsqueeze(3))
     return out
 
@@ -167,18 +216,21 @@ def dequantize_values(codes, scale, zero, bits: int, group: int, out: Optional[t
                       scratch: Optional[torch.Tensor] = None, scratch_f: Optional[torch.Tensor] = None):
     """[B, H, n, D] values (n = ``scale.shape[2]``) from :func:`append_value_codes`' rows, written
     into ``out`` when given; ``scratch`` (uint8) and ``scratch_f`` (``out``'s dtype): buffers of
-    B·H·rows·per·D elements. The zero points are broadcast into ``out`` first and the codes x scales
+    B·H·rows·per·D elements (the codes are unpacked and converted by one fused pass when compiled). The zero points are broadcast into ``out`` first and the codes x scales
     added by one addcmul: an elementwise op with two inputs broadcast along its innermost (channel)
     dimension takes a scalar loop on CPU; this way each pass has at most one, and the result is
     that of ``addcmul(zero, codes, scale)``."""
     b, h, rows, d = codes.shape
+    per = 8 // bits
     n = scale.shape[2]
-    c = unpack_codes(codes.unsqueeze(3), bits, dim=3, out=scratch).view(b, h, -1, d)[:, :, :n]  # [B, H, n, D]
     if out is None:
         out = torch.empty(b, h, n, d, dtype=dtype or torch.float32, device=codes.device)
-    cf = (torch.empty(b, h, n, d, dtype=out.dtype, device=codes.device) if scratch_f is None
-          else scratch_f.view(b, h, n, d))
-    cf.copy_(c)
+    cf_all = (torch.empty(b, h, rows * per, d, dtype=out.dtype, device=codes.device) if scratch_f is None
+              else scratch_f.view(b, h, rows * per, d))
+    if not _run_fused("_unpack_convert", codes.numel(), cf_all.view(b, h, rows, per, d), codes,
+                      _shifts(bits, codes.device).view(per, 1), (1 << bits) - 1):
+        cf_all.copy_(unpack_codes(codes.unsqueeze(3), bits, dim=3, out=scratch).view(b, h, -1, d))
+    cf = cf_all[:, :, :n]  # [B, H, n, D]
     og = out.unflatten(3, (d // group, group))
     og.copy_(zero.unsqueeze(4).to(out.dtype).expand(og.shape))  # convert the few zeros, then broadcast
     torch.addcmul(og, cf.unflatten(3, (d // group, group)), scale.unsqueeze(4).to(out.dtype), out=og)
@@ -280,8 +332,9 @@ class KiviLayer(TensorMapLayerMixin, DynamicLayer):
         if nv:
             rows = self.value_codes.shape[2] * (8 // self.bits)
             dequantize_values(self.value_codes, self.value_scale, self.value_zero, self.bits, self.group,
-                              out=vbuf[:, :, :nv], scratch=take("codes", (b * h * rows * dv,), torch.uint8, res_v.device),
-                              scratch_f=take("codes_f", (b * h * nv * dv,), res_v.dtype, res_v.device))
+                              out=vbuf[:, :, :nv],
+                              scratch=take("codes", (b * h * rows * dv,), torch.uint8, res_v.device),
+                              scratch_f=take("codes_f", (b * h * rows * dv,), res_v.dtype, res_v.device))
         vbuf[:, :, nv:].copy_(res_v)
         return kbuf, vbuf
 
