@@ -32,18 +32,20 @@ model dtype):
   ``QuantizedLayer`` keeps its residual there too).
 
 ``update`` dequantizes the packed blocks into contiguous [B, H, T, D] keys and values for
-attention (two vectorised passes per tensor after a shift-and-mask unpack) and keeps no dense copy
-of them: decode reads the packed cache and the residual only. A `KiviCache` gives its layers one
-shared :class:`DequantWorkspace` for those tensors (one layer's worth, overwritten by the next layer),
-because fresh multi-megabyte tensors per layer and step cost more in page faults than the
-dequantization itself on CPU (bench/kvcache.py measures decode against the 16-bit cache). KIVI
-fuses dequantization into the attention matmuls on GPU.
+attention and keeps no dense copy of them: decode reads the packed cache and the residual only.
+Keys and values each take one compiled pass (unpack, convert, affine in float32, rounded once;
+the eager passes used below ``COMPILE_MIN_CODES`` packed bytes, or without a C++ compiler, compute
+the same values). A `KiviCache` gives its layers one
+shared :class:`~frontier.cache_layer.DequantWorkspace` for those tensors (one layer's worth,
+overwritten by the next layer), because fresh multi-megabyte tensors per layer and step cost more
+in page faults than the dequantization itself on CPU (bench/kvcache.py measures decode against the
+16-bit cache). KIVI fuses dequantization into the attention matmuls on GPU.
 """
 from __future__ import annotations
 
 import functools
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from transformers.cache_utils import DynamicLayer
@@ -51,6 +53,7 @@ from transformers.cache_utils import DynamicLayer
 from .cache_layer import DequantWorkspace, TensorMapLayerMixin, scratch
 
 KIVI_BITS = (2, 4)
+Scratch = Callable[[str, int, torch.dtype], torch.Tensor]  # (role, numel, dtype) -> a flat buffer
 SCALE_DTYPE = torch.float16  # KIVI keeps scales and zero points (its "mn") in fp16
 
 
@@ -105,9 +108,12 @@ def _keys_fused(out, codes, scale, zero, shifts, mask: int):
     out.copy_(c * s + z)
 
 
-def _unpack_convert(out, codes, shifts, mask: int):
-    """out [B, H, rows, per, D] (a float dtype) = the codes of [B, H, rows, D] bytes, in one pass."""
-    out.copy_((codes.unsqueeze(3) >> shifts) & mask)
+def _values_fused(out, codes, scale, zero, shifts, mask: int):
+    """out [B, H, rows, per, G, group] = code x scale + zero from codes [B, H, rows, 1, G, group] and
+    scale/zero [B, H, rows, per, G, 1], in one pass computed in float32 (the shapes are made by the
+    caller: views inside a dynamic-shape kernel cost Inductor its vectorisation here)."""
+    c = ((codes >> shifts) & mask).to(torch.float32)
+    out.copy_(c * scale.to(torch.float32) + zero.to(torch.float32))
 
 
 @functools.lru_cache(maxsize=None)
@@ -183,11 +189,17 @@ def append_value_codes(packed: torch.Tensor, n: int, codes: torch.Tensor, bits: 
     return packed
 
 
-def _affine_into(out: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+def _affine_into(out: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                 scratch: Optional[Scratch] = None) -> None:
     """out = codes * scale + zero computed in float32 and rounded once to ``out``'s dtype (as the
     fused pass does). ``codes`` (uint8) are converted first: addcmul on a uint8 operand takes a
     scalar path (~6x slower in fp32 on CPU)."""
-    f = out if out.dtype == torch.float32 else torch.empty(out.shape, dtype=torch.float32, device=out.device)
+    if out.dtype == torch.float32:
+        f = out
+    elif scratch is None:
+        f = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+    else:
+        f = scratch("float32", out.numel(), torch.float32).view(out.shape)
     f.copy_(codes)
     torch.addcmul(zero.to(torch.float32), f, scale.to(torch.float32), out=f)
     if f is not out:
@@ -195,9 +207,10 @@ def _affine_into(out: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, ze
 
 
 def dequantize_keys(codes, scale, zero, bits: int, group: int, out: Optional[torch.Tensor] = None, dtype=None,
-                    scratch: Optional[torch.Tensor] = None):
+                    scratch: Optional[Scratch] = None):
     """[B, H, n, D] keys from :func:`quantize_keys`' output, written into ``out`` when given (any
-    strides over B and H); ``scratch``: a uint8 buffer of n x D x B x H elements for the codes."""
+    strides over B and H); ``scratch(role, numel, dtype)``: where the eager passes put the codes
+    (default: fresh tensors)."""
     b, h, rows, d = codes.shape
     per = 8 // bits
     n = rows * per
@@ -207,33 +220,49 @@ def dequantize_keys(codes, scale, zero, bits: int, group: int, out: Optional[tor
     if _run_fused("_keys_fused", codes.numel(), out.view(b, h, n // group, per, group // per, d), grouped, scale, zero,
                   _shifts(bits, codes.device).view(per, 1, 1), (1 << bits) - 1):
         return out
-    c = unpack_codes(grouped, bits, dim=3, out=scratch)
-    _affine_into(out.unflatten(2, (n // group, group)), c, scale.unsqueeze(3), zero.unsqueeze(3))
+    c = unpack_codes(grouped, bits, dim=3, out=None if scratch is None else scratch("codes", grouped.numel() * per,
+                                                                                     torch.uint8))
+    _affine_into(out.unflatten(2, (n // group, group)), c, scale.unsqueeze(3), zero.unsqueeze(3), scratch)
     return out
 
 
 def dequantize_values(codes, scale, zero, bits: int, group: int, out: Optional[torch.Tensor] = None, dtype=None,
-                      scratch: Optional[torch.Tensor] = None, scratch_f: Optional[torch.Tensor] = None):
+                      scratch: Optional[Scratch] = None):
     """[B, H, n, D] values (n = ``scale.shape[2]``) from :func:`append_value_codes`' rows, written
-    into ``out`` when given; ``scratch`` (uint8) and ``scratch_f`` (``out``'s dtype): buffers of
-    B·H·rows·per·D elements (the codes are unpacked and converted by one fused pass when compiled). The zero points are broadcast into ``out`` first and the codes x scales
-    added by one addcmul: an elementwise op with two inputs broadcast along its innermost (channel)
-    dimension takes a scalar loop on CPU; this way each pass has at most one, and the result is
-    that of ``addcmul(zero, codes, scale)``."""
+    into ``out`` when given, computed in float32 and rounded once. Whole rows go through one
+    compiled pass when it applies; the rest (everything when eager, else a part-filled last row)
+    through eager passes (``scratch`` as in :func:`dequantize_keys`)."""
     b, h, rows, d = codes.shape
     per = 8 // bits
-    n = scale.shape[2]
+    n, ng = scale.shape[2], d // group
     if out is None:
         out = torch.empty(b, h, n, d, dtype=dtype or torch.float32, device=codes.device)
-    cf_all = (torch.empty(b, h, rows * per, d, dtype=out.dtype, device=codes.device) if scratch_f is None
-              else scratch_f.view(b, h, rows * per, d))
-    if not _run_fused("_unpack_convert", codes.numel(), cf_all.view(b, h, rows, per, d), codes,
-                      _shifts(bits, codes.device).view(per, 1), (1 << bits) - 1):
-        cf_all.copy_(unpack_codes(codes.unsqueeze(3), bits, dim=3, out=scratch).view(b, h, -1, d))
-    cf = cf_all[:, :, :n]  # [B, H, n, D]
-    og = out.unflatten(3, (d // group, group))
-    og.copy_(zero.unsqueeze(4).to(out.dtype).expand(og.shape))  # convert the few zeros, then broadcast
-    torch.addcmul(og, cf.unflatten(3, (d // group, group)), scale.unsqueeze(4).to(out.dtype), out=og)
+    full = n // per
+    done = 0
+    if full and _run_fused("_values_fused", b * h * full * d, out[:, :, :full * per].view(b, h, full, per, ng, group),
+                           codes[:, :, :full].view(b, h, full, 1, ng, group),
+                           scale[:, :, :full * per].view(b, h, full, per, ng, 1),
+                           zero[:, :, :full * per].view(b, h, full, per, ng, 1),
+                           _shifts(bits, codes.device).view(per, 1, 1), (1 << bits) - 1):
+        done = full * per
+    if done < n:
+        r0, m = done // per, n - done
+        c = unpack_codes(codes[:, :, r0:].unsqueeze(3), bits, dim=3,
+                         out=None if scratch is None else scratch("codes", b * h * (rows - r0) * per * d, torch.uint8))
+        c = c.view(b, h, -1, d)[:, :, :m]
+        dst = out[:, :, done:]
+        if dst.dtype == torch.float32:
+            f = dst
+        elif scratch is None:
+            f = torch.empty(b, h, m, d, dtype=torch.float32, device=codes.device)
+        else:
+            f = scratch("float32", b * h * m * d, torch.float32).view(b, h, m, d)
+        f.copy_(c)
+        fg = f.unflatten(3, (ng, group))  # one broadcast operand per pass: both at once take a scalar loop
+        fg.mul_(scale[:, :, done:].unsqueeze(4).to(torch.float32))
+        fg.add_(zero[:, :, done:].unsqueeze(4).to(torch.float32))
+        if f is not dst:
+            dst.copy_(f)
     return out
 
 
@@ -318,23 +347,22 @@ class KiviLayer(TensorMapLayerMixin, DynamicLayer):
         of its buffers, valid until the next layer's update."""
         if nk == 0 and nv == 0:
             return res_k, res_v
-        def take(role, shape, dtype, device):
-            return scratch(workspace, role, shape, dtype, device)
+
+        def flat(role, numel, dtype):
+            return scratch(workspace, role, (numel,), dtype, res_k.device)
 
         b, h, rk, d = res_k.shape
         rv, dv = res_v.shape[-2], res_v.shape[-1]
-        kbuf = take("keys", (b, h, nk + rk, d), res_k.dtype, res_k.device)
+        kbuf = scratch(workspace, "keys", (b, h, nk + rk, d), res_k.dtype, res_k.device)
         if nk:
             dequantize_keys(self.key_codes, self.key_scale, self.key_zero, self.bits, self.group, out=kbuf[:, :, :nk],
-                            scratch=take("codes", (b * h * nk * d,), torch.uint8, res_k.device))
+                            scratch=flat)
         kbuf[:, :, nk:].copy_(res_k)
-        vbuf = take("values", (b, h, nv + rv, dv), res_v.dtype, res_v.device)
+        vbuf = scratch(workspace, "values", (b, h, nv + rv, dv), res_v.dtype, res_v.device)
         if nv:
-            rows = self.value_codes.shape[2] * (8 // self.bits)
             dequantize_values(self.value_codes, self.value_scale, self.value_zero, self.bits, self.group,
                               out=vbuf[:, :, :nv],
-                              scratch=take("codes", (b * h * rows * dv,), torch.uint8, res_v.device),
-                              scratch_f=take("codes_f", (b * h * rows * dv,), res_v.dtype, res_v.device))
+                              scratch=flat)
         vbuf[:, :, nv:].copy_(res_v)
         return kbuf, vbuf
 
