@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from frontier import checkpoint, dequant
+from frontier.quantize import cpu_kernels
 from frontier.quantize import fastpath as FP
 from frontier.quantize import rtn
 from frontier.quantize.tensors import Codes, Int8RowTensor, PackedIntxTensor, int4_opaque_from_codes, pack
@@ -173,5 +174,37 @@ def test_compiled_dequantize_and_decode_kernels_compute_the_same_function(dtype,
         assert torch.equal(d, FP._dense(t, dtype, scratch=True))
     assert FP._FAILED == set(), "a compiled kernel failed and fell back to eager"
     n, k = 192, 128
-    # one layer, reused: its dense weight, and the int4 layout's bytes transposed (n x k / 2)
-    assert FP.scratch_bytes() == n * k * torch.empty((), dtype=dtype).element_size() + n * k // 2
+    # one layer, reused: its dense weight (and the int4 layout's bytes transposed, n x k / 2, where
+    # Inductor's pass dequantizes int4 instead of the C kernel)
+    transposed = 0 if cpu_kernels.library() is not None else n * k // 2
+    assert FP.scratch_bytes() == n * k * torch.empty((), dtype=dtype).element_size() + transposed
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="the C kernels need a C compiler")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_int4_c_kernel_is_bit_equal_to_the_compiled_and_eager_passes(dtype, monkeypatch):
+    """csrc/int4_dequant.c reads torch's CPU int4 layout directly; the dense weight it writes is the
+    one Inductor's fused pass and the eager unpack write, bit for bit, for several groups and shapes
+    (including 128-row blocks and K a multiple of the group only)."""
+    monkeypatch.setattr(FP, "COMPILE_MIN_WEIGHTS", 0)
+    monkeypatch.delenv(cpu_kernels.ENV, raising=False)
+    cpu_kernels.library.cache_clear()
+    assert cpu_kernels.library() is not None, "a C compiler is here but the kernel did not build"
+    g = torch.Generator().manual_seed(11)
+    for n, k, group in ((192, 128, 32), (128, 320, 64), (64, 256, 128)):
+        w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g)
+        t = int4_opaque_from_codes(rtn.rtn_codes(w, 4, group, False), dtype)
+        with_c = FP.dense(t, dtype)
+        s, z = (t.scale_and_zero[..., i].to(torch.float32).contiguous() for i in (0, 1))
+        direct = torch.empty(k, n, dtype=dtype)
+        assert cpu_kernels.int4_dequant_t(direct, t.qdata, s, z, n, k, group)
+        monkeypatch.setenv(cpu_kernels.ENV, "0")
+        cpu_kernels.library.cache_clear()
+        compiled = FP.dense(t, dtype)
+        monkeypatch.setenv(FP.COMPILE_ENV, "0")
+        eager = FP.dense(t, dtype)
+        monkeypatch.delenv(cpu_kernels.ENV)
+        monkeypatch.setenv(FP.COMPILE_ENV, "1")
+        cpu_kernels.library.cache_clear()
+        assert torch.equal(with_c, direct.t()) and torch.equal(with_c, compiled) and torch.equal(with_c, eager), (n, k, group)
+    assert FP._FAILED == set()

@@ -16,7 +16,8 @@ grad_x = grad_y @ W with W dequantized again inside backward (no dense copy save
 AWQ's activation pre-scale is applied outside it, so autograd differentiates it as usual.
 
 Formats: frontier `Int8RowTensor` (int8, per-row scale), torchao `Int4OpaqueTensor` (packed
-int4 in the CPU kernel's layout, read directly by `int4_opaque_codes`), frontier
+int4 in the CPU kernel's layout, dequantized by the C kernel of `cpu_kernels`, else by a
+torch.compile'd pass, else eagerly through `int4_opaque_codes`: the same values), frontier
 `PackedIntxTensor` (any bits, no kernel: always dequantized), bitsandbytes NF4 (`NF4Linear`,
 dequantized by bitsandbytes' own CPU kernel). Activation-quantized types (w8a8, fp8) keep
 their kernels and are not routed here.
@@ -28,6 +29,8 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+
+from . import cpu_kernels
 
 aten = torch.ops.aten
 DECODE_MAX_ROWS = 8  # crossover measured here (bf16, 1 thread): int4/int8 kernels ~0.02 ms per row per
@@ -175,6 +178,8 @@ def _int4_dense(w, dtype, scratch: bool) -> torch.Tensor:
             and w.qdata.numel() * 2 == n * k and _int4_layout_ok(0)):
         out = _buffer(n * k, dtype, scratch).view(k, n // 64, 2, 32)
         s, z = sz[..., 0].to(torch.float32).contiguous(), sz[..., 1].to(torch.float32).contiguous()
+        if cpu_kernels.int4_dequant_t(out.view(k, n), w.qdata, s, z, n, k, g):  # the C kernel: ~2x Inductor's
+            return out.view(k, n).t()
         blk_t = _buffer(n * k // 2, torch.uint8, scratch).view(k, n // 64, 1, 32)  # bytes only: 1/4 of the output
         blk_t.copy_(w.qdata.view(n // 64, k, 1, 32).transpose(0, 1))
         if _run_compiled("_int4_deq_t", out, blk_t, s, z, _SHIFT4, g)[0]:

@@ -1,0 +1,51 @@
+/* Dequantize torch's CPU int4 weight layout (aten._convert_weight_to_int4pack_for_cpu, N % 64 == 0)
+ * into the transposed dense weight, W^T [K][N] = (code - 8) * scale + zero, in one pass.
+ *
+ * Layout (checked against the aten packing by frontier.quantize.fastpath._int4_layout_ok): blocks of
+ * 64 output rows stored [K][32] bytes; byte j of row k in block b holds row b*64 + j (low nibble)
+ * and row b*64 + 32 + j (high nibble). scale / zero: float32 [K/g][N].
+ *
+ * Arithmetic as torch's vectorised ops do it (multiply, then add, no fused multiply-add: build with
+ * -ffp-contract=off), float32 rounded once to bfloat16 (round to nearest even, as c10::BFloat16),
+ * so the result is bit-equal to the Inductor and eager paths of fastpath._int4_dense. */
+#include <stdint.h>
+#include <string.h>
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+void int4_dequant_t_bf16(const uint8_t *restrict q, const float *restrict s, const float *restrict z,
+                         uint16_t *restrict out, int64_t n, int64_t k, int64_t g) {
+    for (int64_t r = 0; r < k; ++r) {
+        const float *sr = s + (r / g) * n, *zr = z + (r / g) * n;
+        uint16_t *o = out + r * n;
+        for (int64_t b = 0; b < n / 64; ++b) {
+            const uint8_t *src = q + (b * k + r) * 32;
+            const float *s0 = sr + b * 64, *z0 = zr + b * 64;
+            uint16_t *o0 = o + b * 64;
+            for (int j = 0; j < 32; ++j) o0[j] = f32_to_bf16((float)((int)(src[j] & 15) - 8) * s0[j] + z0[j]);
+            for (int j = 0; j < 32; ++j)
+                o0[32 + j] = f32_to_bf16((float)((int)(src[j] >> 4) - 8) * s0[32 + j] + z0[32 + j]);
+        }
+    }
+}
+
+void int4_dequant_t_f32(const uint8_t *restrict q, const float *restrict s, const float *restrict z,
+                        float *restrict out, int64_t n, int64_t k, int64_t g) {
+    for (int64_t r = 0; r < k; ++r) {
+        const float *sr = s + (r / g) * n, *zr = z + (r / g) * n;
+        float *o = out + r * n;
+        for (int64_t b = 0; b < n / 64; ++b) {
+            const uint8_t *src = q + (b * k + r) * 32;
+            const float *s0 = sr + b * 64, *z0 = zr + b * 64;
+            float *o0 = o + b * 64;
+            for (int j = 0; j < 32; ++j) o0[j] = (float)((int)(src[j] & 15) - 8) * s0[j] + z0[j];
+            for (int j = 0; j < 32; ++j) o0[32 + j] = (float)((int)(src[j] >> 4) - 8) * s0[32 + j] + z0[32 + j];
+        }
+    }
+}
