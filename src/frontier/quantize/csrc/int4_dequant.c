@@ -19,33 +19,25 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
-void int4_dequant_t_bf16(const uint8_t *restrict q, const float *restrict s, const float *restrict z,
-                         uint16_t *restrict out, int64_t n, int64_t k, int64_t g) {
-    for (int64_t r = 0; r < k; ++r) {
-        const float *sr = s + (r / g) * n, *zr = z + (r / g) * n;
-        uint16_t *o = out + r * n;
-        for (int64_t b = 0; b < n / 64; ++b) {
-            const uint8_t *src = q + (b * k + r) * 32;
-            const float *s0 = sr + b * 64, *z0 = zr + b * 64;
-            uint16_t *o0 = o + b * 64;
-            for (int j = 0; j < 32; ++j) o0[j] = f32_to_bf16((float)((int)(src[j] & 15) - 8) * s0[j] + z0[j]);
-            for (int j = 0; j < 32; ++j)
-                o0[32 + j] = f32_to_bf16((float)((int)(src[j] >> 4) - 8) * s0[32 + j] + z0[32 + j]);
-        }
-    }
-}
+static inline float as_f32(float f) { return f; }
 
-void int4_dequant_t_f32(const uint8_t *restrict q, const float *restrict s, const float *restrict z,
-                        float *restrict out, int64_t n, int64_t k, int64_t g) {
-    for (int64_t r = 0; r < k; ++r) {
-        const float *sr = s + (r / g) * n, *zr = z + (r / g) * n;
-        float *o = out + r * n;
-        for (int64_t b = 0; b < n / 64; ++b) {
-            const uint8_t *src = q + (b * k + r) * 32;
-            const float *s0 = sr + b * 64, *z0 = zr + b * 64;
-            float *o0 = o + b * 64;
-            for (int j = 0; j < 32; ++j) o0[j] = (float)((int)(src[j] & 15) - 8) * s0[j] + z0[j];
-            for (int j = 0; j < 32; ++j) o0[32 + j] = (float)((int)(src[j] >> 4) - 8) * s0[32 + j] + z0[32 + j];
-        }
+/* one function per output type: T the element type, CVT the float32 -> T conversion */
+#define INT4_DEQUANT_T(NAME, T, CVT)                                                                      \
+    void NAME(const uint8_t *restrict q, const float *restrict s, const float *restrict z, T *restrict out, \
+              int64_t n, int64_t k, int64_t g) {                                                         \
+        for (int64_t r = 0; r < k; ++r) {                                                                \
+            const float *sr = s + (r / g) * n, *zr = z + (r / g) * n;                                     \
+            T *o = out + r * n;                                                                           \
+            for (int64_t b = 0; b < n / 64; ++b) {                                                        \
+                const uint8_t *src = q + (b * k + r) * 32;                                                \
+                const float *s0 = sr + b * 64, *z0 = zr + b * 64;                                         \
+                T *o0 = o + b * 64;                                                                       \
+                for (int j = 0; j < 32; ++j) o0[j] = CVT((float)((int)(src[j] & 15) - 8) * s0[j] + z0[j]); \
+                for (int j = 0; j < 32; ++j)                                                              \
+                    o0[32 + j] = CVT((float)((int)(src[j] >> 4) - 8) * s0[32 + j] + z0[32 + j]);          \
+            }                                                                                             \
+        }                                                                                                 \
     }
-}
+
+INT4_DEQUANT_T(int4_dequant_t_bf16, uint16_t, f32_to_bf16)
+INT4_DEQUANT_T(int4_dequant_t_f32, float, as_f32)
