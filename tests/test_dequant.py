@@ -208,3 +208,37 @@ def test_int4_c_kernel_is_bit_equal_to_the_compiled_and_eager_passes(dtype, monk
         cpu_kernels.library.cache_clear()
         assert torch.equal(with_c, direct.t()) and torch.equal(with_c, compiled) and torch.equal(with_c, eager), (n, k, group)
     assert FP._FAILED == set()
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="the C kernels need a C compiler")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_awq_prescale_folded_into_the_int4_weight_at_prefill(dtype, monkeypatch):
+    """At prefill shapes AWQ's activation pre-scale is folded into the dequantized int4 weight by the
+    C kernel (no pass over the activations): the same function as scaling the activations, to the
+    dtype's rounding, and exactly x·diag(pre)·Wᵀ in fp32 arithmetic of the weight."""
+    monkeypatch.setattr(FP, "COMPILE_MIN_WEIGHTS", 0)
+    monkeypatch.delenv(cpu_kernels.ENV, raising=False)
+    cpu_kernels.library.cache_clear()
+    g = torch.Generator().manual_seed(12)
+    w = torch.randn(128, 192, generator=g)
+    pre = torch.rand(192, generator=g) + 0.5
+    t = int4_opaque_from_codes(rtn.rtn_codes(w / pre, 4, 64, False), dtype)
+    t.act_pre_scale = pre
+    calls, real = [], cpu_kernels.int4_dequant_t
+
+    def spy(*args):
+        calls.append(args[7] if len(args) > 7 else None)  # the pre-scale handed to the kernel
+        return real(*args)
+
+    monkeypatch.setattr(cpu_kernels, "int4_dequant_t", spy)
+    x = torch.randn(3, 20, 192, generator=g).to(dtype)
+    with torch.no_grad():
+        y = FP.linear(x, t)
+    assert calls and calls[-1] is not None, "the folded path did not run"
+    with torch.no_grad():
+        scaled = FP.forward(x * pre.to(dtype), t)  # the activations scaled, then the plain int4 linear
+    wd = FP.dense(t, torch.float32).double() * pre.double()  # x·diag(pre)·Wᵀ
+    ref = x.double() @ wd.T
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    assert (y.double() - ref).abs().max() / ref.abs().max() <= tol
+    assert (y.double() - scaled.double()).abs().max() / ref.abs().max() <= 2 * tol

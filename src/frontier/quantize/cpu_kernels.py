@@ -80,14 +80,15 @@ def library() -> Optional[ctypes.CDLL]:
     for name in ("int4_dequant_t_bf16", "int4_dequant_t_f32"):
         fn = getattr(lib, name)
         fn.restype = None
-        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+        fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
     return lib
 
 
 def int4_dequant_t(out: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, n: int, k: int,
-                   group: int) -> bool:
+                   group: int, pre: Optional[torch.Tensor] = None) -> bool:
     """out [K, N] (bf16 or fp32, contiguous) = Wᵀ of torch's CPU int4 layout `qdata` (N % 64 == 0)
-    with float32 `scale` / `zero` [K/group, N]. False (nothing written) when the kernel cannot run."""
+    with float32 `scale` / `zero` [K/group, N], each row k times float32 `pre[k]` when given
+    (computed in float32, rounded once). False (nothing written) when the kernel cannot run."""
     lib = library() if out.device.type == "cpu" else None
     fn = {torch.bfloat16: "int4_dequant_t_bf16", torch.float32: "int4_dequant_t_f32"}.get(out.dtype)
     if (lib is None or fn is None or n % 64 or k % group or not out.is_contiguous() or out.numel() != n * k
@@ -96,5 +97,8 @@ def int4_dequant_t(out: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, 
     for t in (scale, zero):
         if t.dtype != torch.float32 or not t.is_contiguous() or t.numel() != (k // group) * n:
             return False
-    getattr(lib, fn)(qdata.data_ptr(), scale.data_ptr(), zero.data_ptr(), out.data_ptr(), n, k, group)
+    if pre is not None and (pre.dtype != torch.float32 or not pre.is_contiguous() or pre.numel() != k):
+        return False
+    getattr(lib, fn)(qdata.data_ptr(), scale.data_ptr(), zero.data_ptr(), None if pre is None else pre.data_ptr(),
+                     out.data_ptr(), n, k, group)
     return True

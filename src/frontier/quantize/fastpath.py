@@ -309,12 +309,33 @@ class _QLinear(torch.autograd.Function):
         return gx, gb, None
 
 
+def _int4_prescaled(x: torch.Tensor, w, pre: torch.Tensor) -> Optional[torch.Tensor]:
+    """x·diag(pre)·Wᵀ with `pre` folded into the dequantized int4 weight by the C kernel (prefill
+    shapes, no autograd): one pass fewer than scaling the activations (AWQ's pre-scale costs a
+    pass over x for every linear otherwise). None when the kernel does not apply."""
+    n, k = w.shape
+    if (type(w).__name__ != "Int4OpaqueTensor" or x.device.type != "cpu" or x.dtype not in (torch.bfloat16,
+                                                                                           torch.float32)
+            or x.numel() // k <= DECODE_MAX_ROWS or n % 64 or n * k < COMPILE_MIN_WEIGHTS or not _int4_layout_ok(0)):
+        return None
+    sz = w.scale_and_zero
+    out = _buffer(n * k, x.dtype, True).view(k, n)
+    s, z = sz[..., 0].to(torch.float32).contiguous(), sz[..., 1].to(torch.float32).contiguous()
+    if not cpu_kernels.int4_dequant_t(out, w.qdata, s, z, n, k, w.block_size[1], pre.to(torch.float32).contiguous()):
+        return None
+    return F.linear(x.reshape(-1, k), out.t()).reshape(*x.shape[:-1], n)
+
+
 def linear(x: torch.Tensor, w, bias=None) -> torch.Tensor:
     """`F.linear` for a weight-only quantized tensor: shape-dispatched, differentiable w.r.t. x and bias."""
+    grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
     pre = getattr(w, "act_pre_scale", None)
     if pre is not None:  # AWQ: x / s before the scaled weight
+        y = None if grad else _int4_prescaled(x, w, pre)
+        if y is not None:
+            return y + bias.to(y.dtype) if bias is not None else y
         x = x * pre.to(x.dtype)
-    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+    if grad:
         return _QLinear.apply(x, bias, _Hold(w))
     return forward(x, w, bias)
 
