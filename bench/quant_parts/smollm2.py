@@ -375,18 +375,15 @@ def checks(rat: dict, notes: dict) -> dict:
 
 
 def _prefill_miss(dname, m, L, r) -> str:
-    return (f"prefill@{L} {r[f'prefill_tok_s@{L}']}x (median of 5 paired timings against the unquantized model, "
-            "so not machine noise). Cause, measured per layer (layer_costs, candidates): each forward dequantizes "
-            "every weight once (one fused torch.compile'd pass into a shared scratch) before the dense matmul; in "
-            "bf16 the matmuls run on the AMX units, so the pass (int4 ~0.2 ms per 576x576, ~0.45 ms per 1536x576, "
-            "~0.1 ms per 192x576 on one core: ~2-3 ms per decoder layer, 60-100 ms of a ~350 ms 512-token "
-            "forward) is 10-40% on top of a 512-row matmul, most on the small k/v layers where it equals the "
-            "matmul, and halves at each doubling of L (>= 0.87x at 2048). Kernel variants tried (2026-12-05): the "
-            "byte transpose fused into the compiled kernel (permuted view: no faster than copy + kernel), scale and "
-            "zero read interleaved inside the kernel (4x slower), 256-bit vectors (4x slower), a contiguous "
-            "duplicated-byte layout (no faster); the compiled pass runs ~2 G elements/s on this core, about what "
-            "eager bf16 elementwise ops reach here (addcmul ~2.2 G/s), so a faster pass needs a hand-written "
-            "kernel")
+    return (f"prefill@{L} {r[f'prefill_tok_s@{L}']}x (median of 5 paired timings against the unquantized model). "
+            "Cause, measured per layer (layer_costs, candidates): each forward dequantizes every weight once "
+            "(int4: the C kernel of frontier.quantize.cpu_kernels; int8 and bit-planes: a torch.compile'd pass; "
+            "NF4: bitsandbytes) into a shared scratch before the dense matmul; in bf16 the matmuls run on the "
+            "AMX units, so the pass is 5-40% on top of a 512-row matmul (most on the 192x576 k/v layers, where "
+            "it is about the matmul's own time), and halves at each doubling of L. Before the C kernel (Inductor's "
+            "pass, ~2 G elements/s) the int4 methods measured 0.73-0.80x here (2026-12-05); kernel variants "
+            "tried in Inductor: the byte transpose fused (no faster), scale/zero read interleaved (4x slower), "
+            "256-bit vectors (4x slower), a contiguous duplicated-byte layout (no faster)")
 
 
 def _decode_miss(dname, m, r) -> str:
