@@ -242,3 +242,68 @@ def test_awq_prescale_folded_into_the_int4_weight_at_prefill(dtype, monkeypatch)
     tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
     assert (y.double() - ref).abs().max() / ref.abs().max() <= tol
     assert (y.double() - scaled.double()).abs().max() / ref.abs().max() <= 2 * tol
+
+
+def _kernel_builds():
+    """The native build and the plain-C one (no AVX-512): both arithmetic paths of lowbit_gemv.c."""
+    cpu_kernels.library.cache_clear()
+    libs = [cpu_kernels.library(), cpu_kernels.library(("-mno-avx512f",))]
+    assert all(lib is not None for lib in libs), "a C compiler is here but the kernels did not build"
+    return libs
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="the C kernels need a C compiler")
+def test_int4_gemv_kernel_equals_torchs_own_int4_dequantization(monkeypatch):
+    """fp32 decode on torch's int4 layout (csrc/lowbit_gemv.c) against x·Wᵀ with W from aten's own
+    int4 kernel applied to the identity (an independent reading of the layout), every row count a
+    decode can have, several groups and block counts; the model's fp32 decode uses it."""
+    monkeypatch.delenv(cpu_kernels.ENV, raising=False)
+    libs = _kernel_builds()
+    g = torch.Generator().manual_seed(21)
+    for n, k, group in ((192, 128, 32), (128, 320, 64), (64, 256, 128), (576, 576, 64)):
+        w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g)
+        t = int4_opaque_from_codes(rtn.rtn_codes(w, 4, group, False), torch.float32)
+        ref_w = _int4_kernel_dense(t).double()
+        s, z = (t.scale_and_zero[..., i].to(torch.float32).contiguous() for i in (0, 1))
+        for rows in (1, 2, 5, 8):
+            x = torch.randn(rows, k, generator=g)
+            ref = x.double() @ ref_w.T
+            for lib in libs:
+                y = cpu_kernels.int4_gemv(x, t.qdata, s, z, n, k, group, lib=lib)
+                assert y is not None and y.shape == (rows, n)
+                err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+                assert err < 1e-5, (n, k, group, rows, err)
+        with torch.no_grad():
+            assert FP.decode_kernel(t, torch.float32) is FP.CANDIDATES["Int4OpaqueTensor"][
+                "int4 gemv (C, fp32 activations)"]
+            y = F.linear(x[:1], t)
+        assert (y.double() - x[:1].double() @ ref_w.T).abs().max() < 1e-5 * (x[:1].double() @ ref_w.T).abs().max()
+    assert cpu_kernels.int4_gemv(torch.randn(1, 130), t.qdata, s, z, n, k, group) is None  # wrong K: refused
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="the C kernels need a C compiler")
+@pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "plain-absmax"])
+def test_nf4_gemv_kernel_equals_bitsandbytes_dequantization(nested, monkeypatch):
+    """NF4 decode read from the codes where they lie (no repack) against x·Wᵀ with W from
+    bitsandbytes' own dequantize_4bit, for double-quantized and plain absmax and two block sizes."""
+    import bitsandbytes.functional as bnbf
+
+    monkeypatch.delenv(cpu_kernels.ENV, raising=False)
+    libs = _kernel_builds()
+    g = torch.Generator().manual_seed(22)
+    for n, k, bs in ((192, 128, 64), (96, 512, 128), (576, 1536, 64)):
+        w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g)
+        packed, state = bnbf.quantize_4bit(w, blocksize=bs, compress_statistics=nested, quant_type="nf4")
+        ref_w = bnbf.dequantize_4bit(packed, state).double()
+        before = packed.clone()
+        for rows in (1, 3, 8):
+            x = torch.randn(rows, k, generator=g)
+            ref = x.double() @ ref_w.T
+            for lib in libs:
+                y = cpu_kernels.nf4_gemv(x, packed, state, lib=lib)
+                assert y is not None and y.shape == (rows, n)
+                err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+                assert err < 1e-5, (n, k, bs, rows, err)
+        assert torch.equal(packed, before)
+    fp4_packed, fp4_state = bnbf.quantize_4bit(w, blocksize=64, quant_type="fp4")
+    assert cpu_kernels.nf4_gemv(x, fp4_packed, fp4_state) is None  # another table: refused, not misread

@@ -97,7 +97,7 @@ def candidates(threads: int, layers: int = LAYERS, prefill_rows: int = 512, log=
                     for cname, fn in FP.CANDIDATES[key].items():
                         dec = best_time(lambda: [fn(x1, o) for o in objs], 3) / layers
                         est = dec * prefill_rows  # a kernel slower per row than this is not timed at 512 rows
-                        pre = None if (est > 0.5 and cname != "dequant+matmul") else \
+                        pre = None if ((est > 0.5 and cname != "dequant+matmul") or cname in FP.DECODE_ONLY) else \
                             best_time(lambda: [fn(xp, o) for o in objs[:2]], 2) / 2
                         row[fname][cname] = {"decode_ms_per_matrix": dec * 1e3,
                                              "prefill_ms_per_matrix": None if pre is None else pre * 1e3}
@@ -324,7 +324,7 @@ def none_spread(whole: dict) -> dict:
 
 
 COUNT = {"q_proj/o_proj": 2, "k_proj/v_proj": 2, "gate_proj/up_proj": 2, "down_proj": 1}
-CHOSEN = {"int8": "Int8RowTensor", "int4_g32": "Int4OpaqueTensor", "int4_g64": "Int4OpaqueTensor"}
+CHOSEN = {"int8": "Int8RowTensor", "int4_g32": "Int4OpaqueTensor", "int4_g64": "Int4OpaqueTensor", "nf4": "NF4"}
 
 
 def layer_costs(cand: dict) -> dict:
@@ -394,20 +394,14 @@ def _decode_miss(dname, m, r) -> str:
                 "layer across runs); the whole step ties the dense fp32 model (0.99-1.07x across runs: the 1.0x "
                 "target is within the run's noise). torch's int8pack kernel is 3-5x slower with fp32 activations, and the "
                 "bf16 kernel would round the activations (not the fp32 model's function)")
-    if dname == "fp32":
-        return (f"decode {ratio}x with fp32 activations: no kernel here multiplies fp32 activations by "
-                "low-bit weights at memory speed (candidates, fp32: torch's int4 kernel has no vectorised "
-                "fp32 path, ~10x the dense fp32 matvec; an Inductor int4 reduction or dequantize + matvec "
-                "cost ~2x the dense matvec; int8 uses an Inductor reduction over the int8 bytes); the bf16 "
-                "kernels would round the activations to bf16, which is not the fp32 model's function. Run "
-                "real models in bf16 (model.dtype): this CPU's bf16 matrix units make prefill ~3.5x faster "
-                "and the int8 / int4 kernels decode faster than dense there")
-    if m == "nf4":
-        return (f"decode {ratio}x: NF4 has no kernel that reads its bytes without changing them: each "
-                "token dequantizes the weight (bitsandbytes' AVX512 dequantize_4bit) for a dense matvec. "
-                "bitsandbytes' own CPU NF4 gemv is fast (candidates) but repacks the weight in place at the "
-                "first inference forward (absmax to bf16, double quantization undone: other bytes in memory, "
-                "a different state to save), so it is not used")
+    if dname == "fp32" or m == "nf4":
+        return (f"decode {ratio}x: this format's decode kernel is frontier's C gemv (cpu_kernels: "
+                + ("torch's int4 layout with fp32 activations; aten's int4 kernel has no vectorised fp32 path"
+                   if m != "nf4" else "NF4 codes read where they lie; bitsandbytes' own fast gemv repacks the "
+                   "weight in place, so it is not used")
+                + "), timed per layer in `candidates` against the dense matvec (layer_costs); the step's other "
+                "costs (attention, norms, lm_head, Python) are the dense model's, so a miss with a fast layer "
+                "is the run's noise (noise.none_min_max)")
     if m == "int3_g64":
         return (f"decode {ratio}x: no kernel reads 3-bit codes on this CPU: every token dequantizes the "
                 "bit-planes (~1 ms per 1536x576) for a dense matvec (not a decode target: int8 and 4-bit only)")

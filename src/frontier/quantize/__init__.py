@@ -12,7 +12,7 @@ one override away):
 | hqq  | torchao HQQ qparams (`Int4ChooseQParamsAlgorithm.HQQ` at 4 bits, its solver otherwise) | kernel / dequant |
 | gptq | frontier GPTQ (calibrated, layer by layer) → same storage as rtn | kernel / dequant |
 | awq  | torchao `AWQConfig` scales over frontier's RTN config + AWQ's clipping search (calibrated, layer by layer) | kernel / dequant |
-| nf4  | bitsandbytes `Linear4bit` NF4 + double-quantized absmax | kernel on CUDA, dequant on CPU |
+| nf4  | bitsandbytes `Linear4bit` NF4 + double-quantized absmax | kernel on CUDA; on CPU a C gemv at decode, dequant at prefill |
 | w8a8 | torchao `Int8DynamicActivationInt8WeightConfig` | kernel (`torch._int_mm`) |
 | fp8  | torchao `Float8DynamicActivationFloat8WeightConfig(PerRow)` — CUDA sm89+ only | kernel |
 

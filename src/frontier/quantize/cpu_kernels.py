@@ -28,7 +28,7 @@ import torch
 
 ENV = "FRONTIER_CPU_KERNELS"  # 0: never build or use the C kernels
 CACHE_ENV = "FRONTIER_KERNEL_CACHE"
-SOURCE = Path(__file__).with_name("csrc") / "int4_dequant.c"
+SOURCES = tuple(Path(__file__).with_name("csrc") / f for f in ("int4_dequant.c", "lowbit_gemv.c"))
 # -ffp-contract=off: multiply then add, as torch's vectorised ops (no fused multiply-add rounding)
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-std=c99")
 
@@ -46,18 +46,19 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
-def _build(compiler: str) -> Path:
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + " ".join(FLAGS).encode() + compiler.encode() + _cpu_id().encode()).hexdigest()[:16]
+def _build(compiler: str, extra: tuple = ()) -> Path:
+    flags = FLAGS + tuple(extra)
+    src = b"".join(p.read_bytes() for p in SOURCES)
+    key = hashlib.sha256(src + " ".join(flags).encode() + compiler.encode() + _cpu_id().encode()).hexdigest()[:16]
     root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "frontier" / "kernels")
-    lib = root / f"int4_dequant-{key}.so"
+    lib = root / f"frontier_kernels-{key}.so"
     if lib.exists():
         return lib
     root.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=root, suffix=".so.tmp")
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, timeout=120)
+        subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", tmp], check=True, capture_output=True, timeout=120)
         os.replace(tmp, lib)
     finally:
         if os.path.exists(tmp):
@@ -65,22 +66,32 @@ def _build(compiler: str) -> Path:
     return lib
 
 
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+_SIGNATURES = {
+    "int4_dequant_t_bf16": [_P] * 5 + [_I] * 3,
+    "int4_dequant_t_f32": [_P] * 5 + [_I] * 3,
+    "int4_gemv_f32": [_P] * 5 + [_I] * 4,
+    "nf4_gemv_f32": [_P] * 5 + [_I, ctypes.c_float] + [_P] * 3 + [_I] * 4,
+}
+
+
 @functools.lru_cache(maxsize=None)
-def library() -> Optional[ctypes.CDLL]:
-    """The loaded kernels, or None (disabled, no C compiler, or the build failed)."""
+def library(extra_flags: tuple = ()) -> Optional[ctypes.CDLL]:
+    """The loaded kernels, or None (disabled, no C compiler, or the build failed). `extra_flags`
+    (tests): another build, e.g. ("-mno-avx512f",) for the plain-C loops."""
     if not enabled():
         return None
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
+        lib = ctypes.CDLL(str(_build(compiler, extra_flags)))
     except (OSError, subprocess.SubprocessError):
         return None
-    for name in ("int4_dequant_t_bf16", "int4_dequant_t_f32"):
+    for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.restype = None
-        fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
+        fn.argtypes = args
     return lib
 
 
@@ -102,3 +113,58 @@ def int4_dequant_t(out: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, 
     getattr(lib, fn)(qdata.data_ptr(), scale.data_ptr(), zero.data_ptr(), None if pre is None else pre.data_ptr(),
                      out.data_ptr(), n, k, group)
     return True
+
+
+DECODE_MAX_ROWS = 64  # the gemv kernels loop over rows re-reading a cached weight block: for decode shapes
+
+
+def _f32_ok(*ts) -> bool:
+    return all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in ts)
+
+
+def int4_gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, n: int, k: int,
+              group: int, lib=None) -> Optional[torch.Tensor]:
+    """y [M, N] float32 = x [M, K] (float32) · Wᵀ for torch's CPU int4 layout (N % 64 == 0) with
+    float32 `scale` / `zero` [K/group, N]; None when the kernel cannot run."""
+    lib = lib or library()
+    m = x.shape[0] if x.dim() == 2 else 0
+    if (lib is None or not m or m > DECODE_MAX_ROWS or x.shape[1] != k or n % 64 or k % group
+            or not _f32_ok(x, scale, zero) or qdata.dtype != torch.uint8 or not qdata.is_contiguous()
+            or qdata.numel() * 2 != n * k or scale.numel() != (k // group) * n or zero.numel() != scale.numel()):
+        return None
+    y = torch.empty(m, n, dtype=torch.float32)
+    lib.int4_gemv_f32(qdata.data_ptr(), scale.data_ptr(), zero.data_ptr(), x.data_ptr(), y.data_ptr(), m, n, k, group)
+    return y
+
+
+def nf4_gemv(x: torch.Tensor, packed: torch.Tensor, state, lib=None) -> Optional[torch.Tensor]:
+    """y [M, N] float32 = x [M, K] (float32) · Wᵀ for a bitsandbytes NF4 weight (`packed` its uint8
+    codes, `state` its QuantState, plain or double-quantized absmax), read where it lies; None when
+    the kernel cannot run (another layout, block size, quant type or storage)."""
+    lib = lib or library()
+    n, k = (tuple(state.shape) + (0, 0))[:2] if len(state.shape) == 2 else (0, 0)
+    bs = state.blocksize
+    m = x.shape[0] if x.dim() == 2 else 0
+    code = state.code
+    if (lib is None or not m or m > DECODE_MAX_ROWS or not n or x.shape[1] != k or bs % 32 or k % bs
+            or state.quant_type != "nf4" or code is None or code.numel() != 16 or not _f32_ok(x)
+            or packed.dtype != torch.uint8 or not packed.is_contiguous() or packed.numel() * 2 != n * k):
+        return None
+    code = code.to(torch.float32).contiguous()
+    if state.nested:
+        s2 = state.state2
+        if (state.absmax.dtype != torch.uint8 or s2.code is None or s2.code.numel() != 256
+                or not state.absmax.is_contiguous()):
+            return None
+        absmax, aq = None, state.absmax
+        code2, absmax2 = s2.code.to(torch.float32).contiguous(), s2.absmax.to(torch.float32).contiguous()
+        bs2, offset = s2.blocksize, float(state.offset)
+    else:
+        absmax, aq, code2, absmax2, bs2, offset = state.absmax.to(torch.float32).contiguous(), None, None, None, 1, 0.0
+    if (absmax if absmax is not None else aq).numel() != n * k // bs:
+        return None
+    y = torch.empty(m, n, dtype=torch.float32)
+    ptr = (lambda t: None if t is None else t.data_ptr())
+    lib.nf4_gemv_f32(packed.data_ptr(), ptr(absmax), ptr(aq), ptr(code2), ptr(absmax2), bs2, offset,
+                     code.data_ptr(), x.data_ptr(), y.data_ptr(), m, n, k, bs)
+    return y

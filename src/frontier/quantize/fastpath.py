@@ -19,7 +19,8 @@ Formats: frontier `Int8RowTensor` (int8, per-row scale), torchao `Int4OpaqueTens
 int4 in the CPU kernel's layout, dequantized by the C kernel of `cpu_kernels`, else by a
 torch.compile'd pass, else eagerly through `int4_opaque_codes`: the same values), frontier
 `PackedIntxTensor` (any bits, no kernel: always dequantized), bitsandbytes NF4 (`NF4Linear`,
-dequantized by bitsandbytes' own CPU kernel). Activation-quantized types (w8a8, fp8) keep
+dequantized by bitsandbytes' own CPU kernel). Decode kernels where aten has none: the C gemvs of
+`cpu_kernels` (int4 with fp32 activations, NF4 without bitsandbytes' in-place repack). Activation-quantized types (w8a8, fp8) keep
 their kernels and are not routed here.
 """
 from __future__ import annotations
@@ -239,6 +240,24 @@ def _dequant_matmul(x2, w):
     return F.linear(x2, _dense(w, x2.dtype, scratch=True))
 
 
+def _int4_gemv(x2, w):
+    """The C kernel reading the int4 layout where it lies, float32 accumulation (the fp32 choice:
+    aten's int4 kernel takes bf16/fp16 activations only)."""
+    n, k = w.shape
+    sz = w.scale_and_zero
+    y = None
+    if w.device.type == "cpu" and _int4_layout_ok(0):
+        y = cpu_kernels.int4_gemv(x2.to(torch.float32).contiguous(), w.qdata, sz[..., 0].to(torch.float32).contiguous(),
+                                  sz[..., 1].to(torch.float32).contiguous(), n, k, w.block_size[1])
+    return y.to(x2.dtype) if y is not None else _dequant_matmul(x2, w)
+
+
+def _nf4_gemv(x2, w):
+    """NF4 codes read where they lie (float32 accumulation), without bitsandbytes' in-place repack."""
+    y = cpu_kernels.nf4_gemv(x2.to(torch.float32).contiguous(), w.p.data, w.p.quant_state)
+    return y.to(x2.dtype) if y is not None else _dequant_matmul(x2, w)
+
+
 def _int8_compiled(x2, w):
     ok, y = _run_compiled("_int8_reduce", x2, w.qdata, w.scale)
     return y if ok else _dequant_matmul(x2, w)
@@ -248,16 +267,20 @@ def _int8_compiled(x2, w):
 CANDIDATES: dict = {
     "Int8RowTensor": {"int8pack_mm (aten)": _int8_pack, "dequant+matmul": _dequant_matmul,
                       "int8 reduction (torch.compile)": _int8_compiled},
-    "Int4OpaqueTensor": {"int4pack_mm (aten)": _int4_pack, "dequant+matmul": _dequant_matmul},
+    "Int4OpaqueTensor": {"int4pack_mm (aten)": _int4_pack, "dequant+matmul": _dequant_matmul,
+                         "int4 gemv (C, fp32 activations)": _int4_gemv},
     "PackedIntxTensor": {"dequant+matmul": _dequant_matmul},
-    "NF4": {"dequant+matmul": _dequant_matmul},
+    "NF4": {"dequant+matmul": _dequant_matmul, "nf4 gemv (C)": _nf4_gemv},
 }
+DECODE_ONLY = {"int4 gemv (C, fp32 activations)", "nf4 gemv (C)"}  # few-row kernels (more rows: dequant+matmul)
 # the choice at <= DECODE_MAX_ROWS rows, by (type, half-precision activations?): measured in bench/quant.py
 DECODE_CHOICE: dict = {
     ("Int8RowTensor", True): "int8pack_mm (aten)",
     ("Int8RowTensor", False): "int8 reduction (torch.compile)",
     ("Int4OpaqueTensor", True): "int4pack_mm (aten)",
-    ("Int4OpaqueTensor", False): "dequant+matmul",
+    ("Int4OpaqueTensor", False): "int4 gemv (C, fp32 activations)",
+    ("NF4", True): "nf4 gemv (C)",
+    ("NF4", False): "nf4 gemv (C)",
 }
 
 
