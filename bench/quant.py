@@ -432,7 +432,7 @@ def smollm2_notes(sec: dict) -> dict:
         "round the activations, a different function. Inductor `freezing` is not used (it folds the int8->float "
         "conversion of a constant weight into a dense weight: dense bytes, dense timing). The int4 dequantize "
         "pass of dequant+matmul (every Int4OpaqueTensor method: int4, GPTQ, AWQ, HQQ) is a C kernel "
-        "(frontier.quantize.cpu_kernels, built on first use, ~2x the Inductor pass it replaced: 0.1 vs 0.2 ms "
+        "(frontier.cpu_kernels, built on first use, ~2x the Inductor pass it replaced: 0.1 vs 0.2 ms "
         "per 576x576 bf16 on one core; Inductor's pass remains the fallback without a compiler) that also folds "
         "AWQ's activation pre-scale into the weight at prefill shapes")
     return notes

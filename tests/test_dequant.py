@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from frontier import checkpoint, dequant
-from frontier.quantize import cpu_kernels
+from frontier import cpu_kernels
 from frontier.quantize import fastpath as FP
 from frontier.quantize import rtn
 from frontier.quantize.tensors import Codes, Int8RowTensor, PackedIntxTensor, int4_opaque_from_codes, pack

@@ -10,7 +10,7 @@ import torch
 
 from attention_models import rand_ids, tiny_model
 from frontier import config as C
-from frontier import costmodel, grid, kivi, kvcache
+from frontier import costmodel, cpu_kernels, grid, kivi, kvcache
 from frontier.cache_layer import DequantWorkspace
 from frontier.attention import LinearStateLayer, cache_state_bytes, swap_attention
 
@@ -178,6 +178,8 @@ def test_fused_dequantization_equals_the_eager_passes(dtype, monkeypatch):
     g = torch.Generator().manual_seed(5)
     B, H, D = 2, 2, 32
     monkeypatch.setenv(kivi.COMPILE_ENV, "1")
+    monkeypatch.setenv(cpu_kernels.ENV, "0")  # the C pass (tested below) would take both layers' place
+    cpu_kernels.library.cache_clear()
     layers = {True: kivi.KiviLayer(2, 16, 32), False: kivi.KiviLayer(2, 16, 32)}
     kivi._FAILED.clear()
     kivi._compiled.cache_clear()
@@ -191,6 +193,45 @@ def test_fused_dequantization_equals_the_eager_passes(dtype, monkeypatch):
         assert torch.equal(got[True][0], got[False][0]) and torch.equal(got[True][1], got[False][1]), t
     assert kivi._FAILED == set(), "a fused pass failed to compile and fell back to eager"
     assert kivi._compiled.cache_info().currsize == 2  # both fused passes ran
+    cpu_kernels.library.cache_clear()
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="the C kernels need a C compiler")
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_c_dequantization_equals_the_compiled_and_eager_passes(bits, dtype, monkeypatch):
+    """csrc/kivi_dequant.c (the decode path wherever a C compiler is) returns exactly what the
+    compiled and the eager passes return, at every step of a growing cache: part-filled value rows,
+    several groups, batch > 1, and the workspace's strided outputs."""
+    g = torch.Generator().manual_seed(6)
+    B, H, D = 2, 3, 32
+    monkeypatch.setattr(kivi, "COMPILE_MIN_CODES", 0)
+    monkeypatch.delenv(cpu_kernels.ENV, raising=False)
+    cpu_kernels.library.cache_clear()
+    assert cpu_kernels.library() is not None, "a C compiler is here but the kernels did not build"
+    ws = DequantWorkspace()
+    layers = {path: kivi.KiviLayer(bits, 16, 32, workspace=ws if path == "c" else None)
+              for path in ("c", "compiled", "eager")}
+    calls = []
+    real = cpu_kernels.kivi_keys, cpu_kernels.kivi_values
+    monkeypatch.setattr(cpu_kernels, "kivi_keys", lambda *a: calls.append("k") or real[0](*a))
+    monkeypatch.setattr(cpu_kernels, "kivi_values", lambda *a: calls.append("v") or real[1](*a))
+    for t, n in enumerate([150] + [1] * 21 + [7]):
+        K = torch.randn(B, H, n, D, generator=g).to(dtype)
+        V = torch.randn(B, H, n, D, generator=g).to(dtype)
+        got = {}
+        for path, layer in layers.items():
+            if path != "c":
+                monkeypatch.setenv(cpu_kernels.ENV, "0")
+                monkeypatch.setenv(kivi.COMPILE_ENV, "1" if path == "compiled" else "0")
+            cpu_kernels.library.cache_clear()
+            got[path] = [x.clone() for x in layer.update(K, V)]
+            monkeypatch.delenv(cpu_kernels.ENV, raising=False)
+            monkeypatch.delenv(kivi.COMPILE_ENV, raising=False)
+        for path in ("compiled", "eager"):
+            assert torch.equal(got["c"][0], got[path][0]) and torch.equal(got["c"][1], got[path][1]), (t, path)
+    cpu_kernels.library.cache_clear()
+    assert "k" in calls and "v" in calls and kivi._FAILED == set()
 
 
 # ------------------------------------------------------------------ prefill == step-by-step

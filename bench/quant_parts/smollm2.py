@@ -377,7 +377,7 @@ def checks(rat: dict, notes: dict) -> dict:
 def _prefill_miss(dname, m, L, r) -> str:
     return (f"prefill@{L} {r[f'prefill_tok_s@{L}']}x (median of 5 paired timings against the unquantized model). "
             "Cause, measured per layer (layer_costs, candidates): each forward dequantizes every weight once "
-            "(int4: the C kernel of frontier.quantize.cpu_kernels; int8 and bit-planes: a torch.compile'd pass; "
+            "(int4: the C kernel of frontier.cpu_kernels; int8 and bit-planes: a torch.compile'd pass; "
             "NF4: bitsandbytes) into a shared scratch before the dense matmul; in bf16 the matmuls run on the "
             "AMX units, so the pass is 5-40% on top of a 512-row matmul (most on the 192x576 k/v layers, where "
             "it is about the matmul's own time), and halves at each doubling of L. Before the C kernel (Inductor's "

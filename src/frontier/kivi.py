@@ -33,9 +33,10 @@ model dtype):
 
 ``update`` dequantizes the packed blocks into contiguous [B, H, T, D] keys and values for
 attention and keeps no dense copy of them: decode reads the packed cache and the residual only.
-Keys and values each take one compiled pass (unpack, convert, affine in float32, rounded once;
-the eager passes used below ``COMPILE_MIN_CODES`` packed bytes, or without a C++ compiler, compute
-the same values). A `KiviCache` gives its layers one
+Keys and values each take one pass (unpack, convert, affine in float32, rounded once): the C
+kernel of :mod:`frontier.cpu_kernels` where a C compiler is, else a compiled pass (torch.compile;
+above ``COMPILE_MIN_CODES`` packed bytes), else eager passes; all three compute the same values
+(tests compare them bit for bit). A `KiviCache` gives its layers one
 shared :class:`~frontier.cache_layer.DequantWorkspace` for those tensors (one layer's worth,
 overwritten by the next layer), because fresh multi-megabyte tensors per layer and step cost more
 in page faults than the dequantization itself on CPU (bench/kvcache.py measures decode against the
@@ -50,6 +51,7 @@ from typing import Callable, Optional
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from . import cpu_kernels
 from .cache_layer import DequantWorkspace, TensorMapLayerMixin, scratch
 
 KIVI_BITS = (2, 4)
@@ -216,6 +218,8 @@ def dequantize_keys(codes, scale, zero, bits: int, group: int, out: Optional[tor
     n = rows * per
     if out is None:
         out = torch.empty(b, h, n, d, dtype=dtype or torch.float32, device=codes.device)
+    if n and cpu_kernels.kivi_keys(out, codes, scale, zero, bits, group):
+        return out
     grouped = codes.reshape(b, h, n // group, group // per, d)
     if _run_fused("_keys_fused", codes.numel(), out.view(b, h, n // group, per, group // per, d), grouped, scale, zero,
                   _shifts(bits, codes.device).view(per, 1, 1), (1 << bits) - 1):
@@ -237,6 +241,8 @@ def dequantize_values(codes, scale, zero, bits: int, group: int, out: Optional[t
     n, ng = scale.shape[2], d // group
     if out is None:
         out = torch.empty(b, h, n, d, dtype=dtype or torch.float32, device=codes.device)
+    if n and cpu_kernels.kivi_values(out, codes, scale, zero, bits, group):
+        return out
     full = n // per
     done = 0
     if full and _run_fused("_values_fused", b * h * full * d, out[:, :, :full * per].view(b, h, full, per, ng, group),

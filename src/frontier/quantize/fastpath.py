@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from . import cpu_kernels
+from .. import cpu_kernels
 
 aten = torch.ops.aten
 DECODE_MAX_ROWS = 8  # crossover measured here (bf16, 1 thread): int4/int8 kernels ~0.02 ms per row per

@@ -279,7 +279,7 @@ def pack(c: Codes, dtype, device: str = "cpu"):
 
 KERNELS = {
     "Int4OpaqueTensor": ("torchao Int4OpaqueTensor (packed int4): aten._weight_int4pack_mm_for_cpu at <= 8 rows "
-                         "(bf16/fp16), the C gemv of quantize.cpu_kernels at <= 8 rows (fp32), else dequantized "
+                         "(bf16/fp16), the C gemv of frontier.cpu_kernels at <= 8 rows (fp32), else dequantized "
                          "on the fly (C kernel) + dense matmul"),
     "Int8RowTensor": ("int8 weight, per-row scale: aten._weight_int8pack_mm at <= 8 rows (bf16/fp16), an Inductor "
                       "int8 reduction (fp32), else dequantized on the fly + dense matmul"),
@@ -287,7 +287,7 @@ KERNELS = {
     "Int8Tensor": "torchao Int8Tensor (w8a8: per-token int8 activations, torch._int_mm)",
     "Float8Tensor": "torchao Float8Tensor (fp8 e4m3 weights and activations, torch._scaled_mm)",
     "Int4TilePackedTo4dTensor": "torchao Int4TilePackedTo4dTensor (CUDA tinygemm int4)",
-    "Params4bit": "bitsandbytes NF4 on CPU: the C gemv of quantize.cpu_kernels at <= 8 rows (codes read where they "
+    "Params4bit": "bitsandbytes NF4 on CPU: the C gemv of frontier.cpu_kernels at <= 8 rows (codes read where they "
                   "lie), else dequantize_4bit (bitsandbytes CPU kernel) on the fly + dense matmul; matmul_4bit on CUDA",
 }
 

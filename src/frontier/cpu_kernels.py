@@ -28,7 +28,7 @@ import torch
 
 ENV = "FRONTIER_CPU_KERNELS"  # 0: never build or use the C kernels
 CACHE_ENV = "FRONTIER_KERNEL_CACHE"
-SOURCES = tuple(Path(__file__).with_name("csrc") / f for f in ("int4_dequant.c", "lowbit_gemv.c"))
+SOURCES = tuple(Path(__file__).with_name("csrc") / f for f in ("int4_dequant.c", "lowbit_gemv.c", "kivi_dequant.c"))
 # -ffp-contract=off: multiply then add, as torch's vectorised ops (no fused multiply-add rounding)
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-std=c99")
 
@@ -72,6 +72,7 @@ _SIGNATURES = {
     "int4_dequant_t_f32": [_P] * 5 + [_I] * 3,
     "int4_gemv_f32": [_P] * 5 + [_I] * 4,
     "nf4_gemv_f32": [_P] * 5 + [_I, ctypes.c_float] + [_P] * 3 + [_I] * 4,
+    **{f"kivi_{what}_{t}": [_P] * 4 + [_I] * 6 for what in ("keys", "values") for t in ("bf16", "f32")},
 }
 
 
@@ -168,3 +169,49 @@ def nf4_gemv(x: torch.Tensor, packed: torch.Tensor, state, lib=None) -> Optional
     lib.nf4_gemv_f32(packed.data_ptr(), ptr(absmax), ptr(aq), ptr(code2), ptr(absmax2), bs2, offset,
                      code.data_ptr(), x.data_ptr(), y.data_ptr(), m, n, k, bs)
     return y
+
+
+_KIVI_OUT = {torch.bfloat16: "bf16", torch.float32: "f32"}
+
+
+def _kivi_args_ok(out: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int):
+    """The output's [T, D] per (batch, head) must be contiguous with one stride between heads."""
+    if (out.dtype not in _KIVI_OUT or out.device.type != "cpu" or codes.dtype != torch.uint8 or bits not in (2, 4)
+            or not codes.is_contiguous() or scale.shape != zero.shape or out.dim() != 4):
+        return False
+    b, h, t, d = out.shape
+    return out.stride(3) == 1 and out.stride(2) == d and (b == 1 or out.stride(0) == h * out.stride(1))
+
+
+def kivi_keys(out: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+              group: int) -> bool:
+    """out [B, H, n, D] = KIVI keys from codes [B, H, n/per, D] (bit-planes within each group of
+    `group` tokens) and scale / zero [B, H, n/group, D]; False (nothing written) when it cannot run."""
+    lib = library()
+    if lib is None or not _kivi_args_ok(out, codes, scale, zero, bits):
+        return False
+    b, h, n, d = out.shape
+    per = 8 // bits
+    if n % group or group % per or codes.shape != (b, h, n // per, d) or scale.shape != (b, h, n // group, d):
+        return False
+    s, z = scale.to(torch.float32).contiguous(), zero.to(torch.float32).contiguous()
+    getattr(lib, f"kivi_keys_{_KIVI_OUT[out.dtype]}")(codes.data_ptr(), s.data_ptr(), z.data_ptr(), out.data_ptr(),
+                                                      b * h, n // group, group // per, d, bits, out.stride(1))
+    return True
+
+
+def kivi_values(out: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                group: int) -> bool:
+    """out [B, H, n, D] = KIVI values from codes [B, H, ceil(n/per), D] (byte row r: tokens per·r ..
+    per·r + per - 1) and scale / zero [B, H, n, D/group]; False (nothing written) when it cannot run."""
+    lib = library()
+    if lib is None or not _kivi_args_ok(out, codes, scale, zero, bits):
+        return False
+    b, h, n, d = out.shape
+    per = 8 // bits
+    if d % group or codes.shape != (b, h, -(-n // per), d) or scale.shape != (b, h, n, d // group):
+        return False
+    s, z = scale.to(torch.float32).contiguous(), zero.to(torch.float32).contiguous()
+    getattr(lib, f"kivi_values_{_KIVI_OUT[out.dtype]}")(codes.data_ptr(), s.data_ptr(), z.data_ptr(), out.data_ptr(),
+                                                        b * h, n, d, group, bits, out.stride(1))
+    return True
