@@ -307,3 +307,48 @@ def test_nf4_gemv_kernel_equals_bitsandbytes_dequantization(nested, monkeypatch)
         assert torch.equal(packed, before)
     fp4_packed, fp4_state = bnbf.quantize_4bit(w, blocksize=64, quant_type="fp4")
     assert cpu_kernels.nf4_gemv(x, fp4_packed, fp4_state) is None  # another table: refused, not misread
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="the C kernels need a C compiler")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_packed_c_kernel_is_bit_equal_to_the_compiled_and_eager_passes(dtype, monkeypatch):
+    """csrc/packed_dequant.c reads both `pack_bits` layouts (codes per byte for 1/2/4/8 bits,
+    bit-planes otherwise); its dense weight is the compiled pass's and the eager unpack's, bit for
+    bit, symmetric and asymmetric, and equals the codes' own dequantization to the dtype's rounding."""
+    monkeypatch.setattr(FP, "COMPILE_MIN_WEIGHTS", 0)
+    monkeypatch.delenv(cpu_kernels.ENV, raising=False)
+    cpu_kernels.library.cache_clear()
+    assert cpu_kernels.library() is not None, "a C compiler is here but the kernel did not build"
+    g = torch.Generator().manual_seed(13)
+    calls, real = [], cpu_kernels.packed_dequant
+    plain_lib = cpu_kernels.library(("-mno-avx512f",))
+
+    def spy(*a):
+        ok = real(*a)
+        if ok:
+            calls.append(a[4])  # the bits the kernel ran with
+        return ok
+
+    monkeypatch.setattr(cpu_kernels, "packed_dequant", spy)
+    for bits, group, sym, k in ((3, 64, False, 256), (2, 32, False, 288), (5, 32, True, 288), (8, 64, False, 256),
+                                (6, 96, True, 288), (1, 32, False, 256)):  # K = 288: a tail after 64-code blocks
+        w = torch.randn(96, k, generator=g) * torch.rand(96, 1, generator=g)
+        c = rtn.rtn_codes(w, bits, group, sym)
+        t = PackedIntxTensor.from_codes(c, dtype)
+        with_c = FP.dense(t, dtype)
+        monkeypatch.setenv(cpu_kernels.ENV, "0")
+        cpu_kernels.library.cache_clear()
+        compiled = FP.dense(t, dtype)
+        monkeypatch.setenv(FP.COMPILE_ENV, "0")
+        eager = FP.dense(t, dtype)
+        monkeypatch.delenv(cpu_kernels.ENV)
+        monkeypatch.setenv(FP.COMPILE_ENV, "1")
+        cpu_kernels.library.cache_clear()
+        assert torch.equal(with_c, compiled) and torch.equal(with_c, eager), (bits, group, sym)
+        plain = torch.empty_like(with_c)  # the plain-C loops (no AVX-512) compute the same
+        zero = None if t.zero_point is None else t.zero_point.float().contiguous()
+        assert real(plain, t.qdata, t.scale.float().contiguous(), zero, bits, group, lib=plain_lib)
+        assert torch.equal(plain, with_c), (bits, group, sym)
+        ref = c.dequantize().to(dtype)  # the codes' own (q - zero) * scale
+        assert (with_c.float() - ref.float()).abs().max() <= TOL[dtype] * ref.abs().max(), (bits, group, sym)
+    assert calls == [3, 2, 5, 8, 6, 1] and FP._FAILED == set()

@@ -377,11 +377,12 @@ def checks(rat: dict, notes: dict) -> dict:
 def _prefill_miss(dname, m, L, r) -> str:
     return (f"prefill@{L} {r[f'prefill_tok_s@{L}']}x (median of 5 paired timings against the unquantized model). "
             "Cause, measured per layer (layer_costs, candidates): each forward dequantizes every weight once "
-            "(int4: the C kernel of frontier.cpu_kernels; int8 and bit-planes: a torch.compile'd pass; "
+            "(int4 and bit-packed codes: the C kernels of frontier.cpu_kernels; int8: a torch.compile'd pass; "
             "NF4: bitsandbytes) into a shared scratch before the dense matmul; in bf16 the matmuls run on the "
             "AMX units, so the pass is 5-40% on top of a 512-row matmul (most on the 192x576 k/v layers, where "
-            "it is about the matmul's own time), and halves at each doubling of L. Before the C kernel (Inductor's "
-            "pass, ~2 G elements/s) the int4 methods measured 0.73-0.80x here (2026-12-05); kernel variants "
+            "it is about the matmul's own time), and halves at each doubling of L. Before the C kernels (Inductor's "
+            "passes, ~2 G elements/s for int4, ~1.1 for 3-bit planes) the int4 methods measured 0.73-0.80x and "
+            "int3 0.68x here (2026-12-05/07); kernel variants "
             "tried in Inductor: the byte transpose fused (no faster), scale/zero read interleaved (4x slower), "
             "256-bit vectors (4x slower), a contiguous duplicated-byte layout (no faster)")
 

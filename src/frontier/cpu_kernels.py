@@ -28,7 +28,9 @@ import torch
 
 ENV = "FRONTIER_CPU_KERNELS"  # 0: never build or use the C kernels
 CACHE_ENV = "FRONTIER_KERNEL_CACHE"
-SOURCES = tuple(Path(__file__).with_name("csrc") / f for f in ("int4_dequant.c", "lowbit_gemv.c", "kivi_dequant.c"))
+SOURCES = tuple(Path(__file__).with_name("csrc") / f for f in ("int4_dequant.c", "lowbit_gemv.c", "kivi_dequant.c",
+                                                                     "packed_dequant.c"))
+HEADERS = (Path(__file__).with_name("csrc") / "bf16.h",)
 # -ffp-contract=off: multiply then add, as torch's vectorised ops (no fused multiply-add rounding)
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-std=c99")
 
@@ -48,7 +50,7 @@ def _cpu_id() -> str:
 
 def _build(compiler: str, extra: tuple = ()) -> Path:
     flags = FLAGS + tuple(extra)
-    src = b"".join(p.read_bytes() for p in SOURCES)
+    src = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
     key = hashlib.sha256(src + " ".join(flags).encode() + compiler.encode() + _cpu_id().encode()).hexdigest()[:16]
     root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "frontier" / "kernels")
     lib = root / f"frontier_kernels-{key}.so"
@@ -72,6 +74,8 @@ _SIGNATURES = {
     "int4_dequant_t_f32": [_P] * 5 + [_I] * 3,
     "int4_gemv_f32": [_P] * 5 + [_I] * 4,
     "nf4_gemv_f32": [_P] * 5 + [_I, ctypes.c_float] + [_P] * 3 + [_I] * 4,
+    "packed_dequant_bf16": [_P] * 4 + [_I] * 4,
+    "packed_dequant_f32": [_P] * 4 + [_I] * 4,
     **{f"kivi_{what}_{t}": [_P] * 4 + [_I] * 6 for what in ("keys", "values") for t in ("bf16", "f32")},
 }
 
@@ -113,6 +117,26 @@ def int4_dequant_t(out: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, 
         return False
     getattr(lib, fn)(qdata.data_ptr(), scale.data_ptr(), zero.data_ptr(), None if pre is None else pre.data_ptr(),
                      out.data_ptr(), n, k, group)
+    return True
+
+
+def packed_dequant(out: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
+                   bits: int, group: int, lib=None) -> bool:
+    """out [N, K] (bf16 or fp32, contiguous) = (q - zero) * scale from `PackedIntxTensor` codes
+    (`pack_bits` layouts) and float32 scale / zero [N, K/group] (zero None: symmetric); computed in
+    float32, rounded once. False (nothing written) when the kernel cannot run."""
+    lib = (lib or library()) if out.device.type == "cpu" else None
+    fn = {torch.bfloat16: "packed_dequant_bf16", torch.float32: "packed_dequant_f32"}.get(out.dtype)
+    if lib is None or fn is None or out.dim() != 2 or not out.is_contiguous() or not 1 <= bits <= 8:
+        return False
+    n, k = out.shape
+    nbytes = n * k * bits // 8
+    if (k % group or k % 8 or qdata.dtype != torch.uint8 or not qdata.is_contiguous() or qdata.numel() != nbytes
+            or not _f32_ok(scale) or scale.numel() != n * (k // group)
+            or (zero is not None and (not _f32_ok(zero) or zero.numel() != scale.numel()))):
+        return False
+    getattr(lib, fn)(qdata.data_ptr(), scale.data_ptr(), None if zero is None else zero.data_ptr(), out.data_ptr(),
+                     n, k, group, bits)
     return True
 
 

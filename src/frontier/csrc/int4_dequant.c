@@ -13,15 +13,7 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static inline float as_f32(float f) { return f; }
+#include "bf16.h"
 
 /* one function per output type: T the element type, CVT the float32 -> T conversion */
 #define INT4_DEQUANT_T(NAME, T, CVT)                                                                      \

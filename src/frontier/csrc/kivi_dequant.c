@@ -11,15 +11,7 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline uint16_t kivi_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static inline float kivi_f32(float f) { return f; }
+#include "bf16.h"
 
 #define KIVI_DEQUANT_T(SUFFIX, T, CVT)                                                                    \
     void kivi_keys_##SUFFIX(const uint8_t *restrict codes, const float *restrict s, const float *restrict z, \
@@ -60,5 +52,5 @@ static inline float kivi_f32(float f) { return f; }
             }                                                                                            \
     }
 
-KIVI_DEQUANT_T(bf16, uint16_t, kivi_bf16)
-KIVI_DEQUANT_T(f32, float, kivi_f32)
+KIVI_DEQUANT_T(bf16, uint16_t, f32_to_bf16)
+KIVI_DEQUANT_T(f32, float, as_f32)

@@ -18,7 +18,8 @@ AWQ's activation pre-scale is applied outside it, so autograd differentiates it 
 Formats: frontier `Int8RowTensor` (int8, per-row scale), torchao `Int4OpaqueTensor` (packed
 int4 in the CPU kernel's layout, dequantized by the C kernel of `cpu_kernels`, else by a
 torch.compile'd pass, else eagerly through `int4_opaque_codes`: the same values), frontier
-`PackedIntxTensor` (any bits, no kernel: always dequantized), bitsandbytes NF4 (`NF4Linear`,
+`PackedIntxTensor` (any bits, no decode kernel: always dequantized, by the C kernel of
+`cpu_kernels`, else a compiled pass, else eagerly), bitsandbytes NF4 (`NF4Linear`,
 dequantized by bitsandbytes' own CPU kernel). Decode kernels where aten has none: the C gemvs of
 `cpu_kernels` (int4 with fp32 activations, NF4 without bitsandbytes' in-place repack). Activation-quantized types (w8a8, fp8) keep
 their kernels and are not routed here.
@@ -212,6 +213,10 @@ def _dense(w, dtype, scratch: bool) -> torch.Tensor:
     if name == "PackedIntxTensor" and w.device.type == "cpu" and w.shape[0] * w.shape[1] >= COMPILE_MIN_WEIGHTS:
         n, k = w.shape
         out = _buffer(n * k, dtype, scratch).view(n, k)
+        zero = None if w.zero_point is None else w.zero_point.to(torch.float32).contiguous()
+        if cpu_kernels.packed_dequant(out, w.qdata, w.scale.to(torch.float32).contiguous(), zero, w.bits,
+                                      w.group_size):
+            return out
         if _run_compiled("_packed_deq", out, w.qdata, w.scale, w.zero_point, w.bits, w.group_size)[0]:
             return out
     if hasattr(w, "dequantize"):

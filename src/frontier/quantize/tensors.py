@@ -283,7 +283,8 @@ KERNELS = {
                          "on the fly (C kernel) + dense matmul"),
     "Int8RowTensor": ("int8 weight, per-row scale: aten._weight_int8pack_mm at <= 8 rows (bf16/fp16), an Inductor "
                       "int8 reduction (fp32), else dequantized on the fly + dense matmul"),
-    "PackedIntxTensor": "dequantize-on-the-fly (bit-packed codes -> dense weight -> F.linear)",
+    "PackedIntxTensor": ("dequantize-on-the-fly (bit-packed codes -> dense weight by the C kernel of "
+                         "frontier.cpu_kernels -> F.linear)"),
     "Int8Tensor": "torchao Int8Tensor (w8a8: per-token int8 activations, torch._int_mm)",
     "Float8Tensor": "torchao Float8Tensor (fp8 e4m3 weights and activations, torch._scaled_mm)",
     "Int4TilePackedTo4dTensor": "torchao Int4TilePackedTo4dTensor (CUDA tinygemm int4)",
