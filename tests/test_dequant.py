@@ -180,6 +180,20 @@ def test_compiled_dequantize_and_decode_kernels_compute_the_same_function(dtype,
     assert FP.scratch_bytes() == n * k * torch.empty((), dtype=dtype).element_size() + transposed
 
 
+def _dense_three_ways(t, dtype, monkeypatch):
+    """`FP.dense(t)` by the C kernel, the compiled pass and the eager passes (in that order)."""
+    with_c = FP.dense(t, dtype)
+    monkeypatch.setenv(cpu_kernels.ENV, "0")
+    cpu_kernels.library.cache_clear()
+    compiled = FP.dense(t, dtype)
+    monkeypatch.setenv(FP.COMPILE_ENV, "0")
+    eager = FP.dense(t, dtype)
+    monkeypatch.delenv(cpu_kernels.ENV)
+    monkeypatch.setenv(FP.COMPILE_ENV, "1")
+    cpu_kernels.library.cache_clear()
+    return with_c, compiled, eager
+
+
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="the C kernels need a C compiler")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_int4_c_kernel_is_bit_equal_to_the_compiled_and_eager_passes(dtype, monkeypatch):
@@ -194,18 +208,10 @@ def test_int4_c_kernel_is_bit_equal_to_the_compiled_and_eager_passes(dtype, monk
     for n, k, group in ((192, 128, 32), (128, 320, 64), (64, 256, 128)):
         w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g)
         t = int4_opaque_from_codes(rtn.rtn_codes(w, 4, group, False), dtype)
-        with_c = FP.dense(t, dtype)
+        with_c, compiled, eager = _dense_three_ways(t, dtype, monkeypatch)
         s, z = (t.scale_and_zero[..., i].to(torch.float32).contiguous() for i in (0, 1))
         direct = torch.empty(k, n, dtype=dtype)
         assert cpu_kernels.int4_dequant_t(direct, t.qdata, s, z, n, k, group)
-        monkeypatch.setenv(cpu_kernels.ENV, "0")
-        cpu_kernels.library.cache_clear()
-        compiled = FP.dense(t, dtype)
-        monkeypatch.setenv(FP.COMPILE_ENV, "0")
-        eager = FP.dense(t, dtype)
-        monkeypatch.delenv(cpu_kernels.ENV)
-        monkeypatch.setenv(FP.COMPILE_ENV, "1")
-        cpu_kernels.library.cache_clear()
         assert torch.equal(with_c, direct.t()) and torch.equal(with_c, compiled) and torch.equal(with_c, eager), (n, k, group)
     assert FP._FAILED == set()
 
@@ -335,15 +341,7 @@ def test_packed_c_kernel_is_bit_equal_to_the_compiled_and_eager_passes(dtype, mo
         w = torch.randn(96, k, generator=g) * torch.rand(96, 1, generator=g)
         c = rtn.rtn_codes(w, bits, group, sym)
         t = PackedIntxTensor.from_codes(c, dtype)
-        with_c = FP.dense(t, dtype)
-        monkeypatch.setenv(cpu_kernels.ENV, "0")
-        cpu_kernels.library.cache_clear()
-        compiled = FP.dense(t, dtype)
-        monkeypatch.setenv(FP.COMPILE_ENV, "0")
-        eager = FP.dense(t, dtype)
-        monkeypatch.delenv(cpu_kernels.ENV)
-        monkeypatch.setenv(FP.COMPILE_ENV, "1")
-        cpu_kernels.library.cache_clear()
+        with_c, compiled, eager = _dense_three_ways(t, dtype, monkeypatch)
         assert torch.equal(with_c, compiled) and torch.equal(with_c, eager), (bits, group, sym)
         plain = torch.empty_like(with_c)  # the plain-C loops (no AVX-512) compute the same
         zero = None if t.zero_point is None else t.zero_point.float().contiguous()
