@@ -197,10 +197,45 @@ def test_fused_dequantization_equals_the_eager_passes(dtype, monkeypatch):
 
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="the C kernels need a C compiler")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_kv_c_dequantization_equals_the_eager_passes(dtype, monkeypatch):
+    """The int8 KV cache's one-pass C dequantization (through the shared workspace) returns
+    exactly what the eager passes and the plain formula return, at every step."""
+    g = torch.Generator().manual_seed(8)
+    monkeypatch.delenv(cpu_kernels.ENV, raising=False)
+    cpu_kernels.library.cache_clear()
+    calls, real = [], cpu_kernels.int8_rows
+
+    def spy(*a):
+        ok = real(*a)
+        calls.append(ok)
+        return ok
+
+    monkeypatch.setattr(cpu_kernels, "int8_rows", spy)
+    layers = {path: kvcache.Int8KVLayer(workspace=DequantWorkspace()) for path in ("c", "eager")}
+    plain = kvcache.Int8KVLayer()
+    for t, n in enumerate([37, 1, 1, 5]):
+        K = torch.randn(2, 3, n, 16, generator=g).to(dtype)
+        V = torch.randn(2, 3, n, 16, generator=g).to(dtype)
+        got = {}
+        for path, layer in layers.items():
+            if path == "eager":
+                monkeypatch.setenv(cpu_kernels.ENV, "0")
+            cpu_kernels.library.cache_clear()
+            got[path] = [x.clone() for x in layer.update(K, V)]
+            monkeypatch.delenv(cpu_kernels.ENV, raising=False)
+        ref = plain.update(K, V)
+        for i in (0, 1):
+            assert torch.equal(got["c"][i], got["eager"][i]) and torch.equal(got["c"][i], ref[i]), (t, i)
+    cpu_kernels.library.cache_clear()
+    assert True in calls and False in calls  # both paths ran
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="the C kernels need a C compiler")
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_c_dequantization_equals_the_compiled_and_eager_passes(bits, dtype, monkeypatch):
-    """csrc/kivi_dequant.c (the decode path wherever a C compiler is) returns exactly what the
+    """csrc/kv_dequant.c (the decode path wherever a C compiler is) returns exactly what the
     compiled and the eager passes return, at every step of a growing cache: part-filled value rows,
     several groups, batch > 1, and the workspace's strided outputs."""
     g = torch.Generator().manual_seed(6)

@@ -28,7 +28,7 @@ import torch
 
 ENV = "FRONTIER_CPU_KERNELS"  # 0: never build or use the C kernels
 CACHE_ENV = "FRONTIER_KERNEL_CACHE"
-SOURCES = tuple(Path(__file__).with_name("csrc") / f for f in ("int4_dequant.c", "lowbit_gemv.c", "kivi_dequant.c",
+SOURCES = tuple(Path(__file__).with_name("csrc") / f for f in ("int4_dequant.c", "lowbit_gemv.c", "kv_dequant.c",
                                                                      "packed_dequant.c"))
 HEADERS = (Path(__file__).with_name("csrc") / "bf16.h",)
 # -ffp-contract=off: multiply then add, as torch's vectorised ops (no fused multiply-add rounding)
@@ -76,6 +76,8 @@ _SIGNATURES = {
     "nf4_gemv_f32": [_P] * 5 + [_I, ctypes.c_float] + [_P] * 3 + [_I] * 4,
     "packed_dequant_bf16": [_P] * 4 + [_I] * 4,
     "packed_dequant_f32": [_P] * 4 + [_I] * 4,
+    "int8_rows_bf16": [_P] * 3 + [_I] * 2,
+    "int8_rows_f32": [_P] * 3 + [_I] * 2,
     **{f"kivi_{what}_{t}": [_P] * 4 + [_I] * 6 for what in ("keys", "values") for t in ("bf16", "f32")},
 }
 
@@ -195,16 +197,29 @@ def nf4_gemv(x: torch.Tensor, packed: torch.Tensor, state, lib=None) -> Optional
     return y
 
 
-_KIVI_OUT = {torch.bfloat16: "bf16", torch.float32: "f32"}
+_OUT_SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
 
 def _kivi_args_ok(out: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int):
     """The output's [T, D] per (batch, head) must be contiguous with one stride between heads."""
-    if (out.dtype not in _KIVI_OUT or out.device.type != "cpu" or codes.dtype != torch.uint8 or bits not in (2, 4)
+    if (out.dtype not in _OUT_SUFFIX or out.device.type != "cpu" or codes.dtype != torch.uint8 or bits not in (2, 4)
             or not codes.is_contiguous() or scale.shape != zero.shape or out.dim() != 4):
         return False
     b, h, t, d = out.shape
     return out.stride(3) == 1 and out.stride(2) == d and (b == 1 or out.stride(0) == h * out.stride(1))
+
+
+def int8_rows(out: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> bool:
+    """out (bf16 or fp32, contiguous, q's shape) = int8 codes q [..., D] times float32 scale
+    [..., 1] (one per row), computed in float32 and rounded once; False when it cannot run."""
+    lib = library() if out.device.type == "cpu" else None
+    if (lib is None or out.dtype not in _OUT_SUFFIX or q.dtype != torch.int8 or out.shape != q.shape
+            or not (out.is_contiguous() and q.is_contiguous()) or not _f32_ok(scale)
+            or scale.numel() * q.shape[-1] != q.numel()):
+        return False
+    getattr(lib, f"int8_rows_{_OUT_SUFFIX[out.dtype]}")(q.data_ptr(), scale.data_ptr(), out.data_ptr(),
+                                                      scale.numel(), q.shape[-1])
+    return True
 
 
 def kivi_keys(out: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
@@ -219,7 +234,7 @@ def kivi_keys(out: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero:
     if n % group or group % per or codes.shape != (b, h, n // per, d) or scale.shape != (b, h, n // group, d):
         return False
     s, z = scale.to(torch.float32).contiguous(), zero.to(torch.float32).contiguous()
-    getattr(lib, f"kivi_keys_{_KIVI_OUT[out.dtype]}")(codes.data_ptr(), s.data_ptr(), z.data_ptr(), out.data_ptr(),
+    getattr(lib, f"kivi_keys_{_OUT_SUFFIX[out.dtype]}")(codes.data_ptr(), s.data_ptr(), z.data_ptr(), out.data_ptr(),
                                                       b * h, n // group, group // per, d, bits, out.stride(1))
     return True
 
@@ -236,6 +251,6 @@ def kivi_values(out: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zer
     if d % group or codes.shape != (b, h, -(-n // per), d) or scale.shape != (b, h, n, d // group):
         return False
     s, z = scale.to(torch.float32).contiguous(), zero.to(torch.float32).contiguous()
-    getattr(lib, f"kivi_values_{_KIVI_OUT[out.dtype]}")(codes.data_ptr(), s.data_ptr(), z.data_ptr(), out.data_ptr(),
+    getattr(lib, f"kivi_values_{_OUT_SUFFIX[out.dtype]}")(codes.data_ptr(), s.data_ptr(), z.data_ptr(), out.data_ptr(),
                                                         b * h, n, d, group, bits, out.stride(1))
     return True

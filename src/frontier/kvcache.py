@@ -10,7 +10,8 @@
 that stores keys and values as int8 with one float32 scale per (batch, head, token) —
 symmetric, absmax over head_dim — and dequantizes the whole cache to the model dtype on
 read (each `update` returns dequantized keys/values, as transformers' own quantized
-layers do). Bytes held per token and head: head_dim + 4, against 2·head_dim (fp16/bf16) or
+layers do; one pass, the C kernel of `frontier.cpu_kernels`, into the cache's shared workspace).
+Bytes held per token and head: head_dim + 4, against 2·head_dim (fp16/bf16) or
 4·head_dim (fp32): about half, or a quarter.
 
 Use them through `make_cache`:
@@ -36,6 +37,7 @@ from typing import Optional
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from . import cpu_kernels
 from .cache_layer import DequantWorkspace, TensorMapLayerMixin
 
 KV_BITS = (16, 8, 4, 2)
@@ -55,12 +57,14 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype, workspace=None,
     same values without allocating."""
     if workspace is None:
         return (q.to(torch.float32) * scale).to(dtype)
+    out = workspace.take(role, q.shape, dtype, q.device)
+    if cpu_kernels.int8_rows(out, q, scale):  # one pass (the C kernel), the same values
+        return out
     f = workspace.take(role if dtype == torch.float32 else "float32", q.shape, torch.float32, q.device)
     f.copy_(q)
     f.mul_(scale)
     if dtype == torch.float32:
         return f
-    out = workspace.take(role, q.shape, dtype, q.device)
     out.copy_(f)
     return out
 

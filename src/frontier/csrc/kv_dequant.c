@@ -1,5 +1,9 @@
-/* Dequantize KIVI's packed 2/4-bit KV cache (frontier.kivi) into dense keys and values, one pass
- * each: out = code * scale + zero, computed in float32 (multiply, then add: build with
+/* Dequantize the quantized KV caches into dense keys and values for attention, one pass per tensor.
+ *
+ * int8 (frontier.kvcache.Int8KVLayer): codes [rows][D] int8, scale [rows] float32 (per token and
+ * head); out = code * scale in float32, rounded once.
+ *
+ * KIVI's packed 2/4-bit cache (frontier.kivi): out = code * scale + zero, computed in float32 (multiply, then add: build with
  * -ffp-contract=off) and rounded once to the output type, as the eager and compiled passes of
  * frontier.kivi do (tests compare them bit for bit). Scales and zero points come as float32.
  *
@@ -52,5 +56,16 @@
             }                                                                                            \
     }
 
+#define INT8_ROWS_T(SUFFIX, T, CVT)                                                                       \
+    void int8_rows_##SUFFIX(const int8_t *restrict q, const float *restrict s, T *restrict out, int64_t rows, \
+                            int64_t d) {                                                                 \
+        for (int64_t r = 0; r < rows; ++r) {                                                             \
+            const float sv = s[r];                                                                       \
+            for (int64_t j = 0; j < d; ++j) out[r * d + j] = CVT((float)q[r * d + j] * sv);              \
+        }                                                                                                \
+    }
+
+INT8_ROWS_T(bf16, uint16_t, f32_to_bf16)
+INT8_ROWS_T(f32, float, as_f32)
 KIVI_DEQUANT_T(bf16, uint16_t, f32_to_bf16)
 KIVI_DEQUANT_T(f32, float, as_f32)
