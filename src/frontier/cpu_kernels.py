@@ -1,10 +1,21 @@
 """Hand-written CPU kernels (C, built on first use with the system C compiler, called by ctypes).
 
-Only what no library here does fast: dequantizing torch's CPU int4 layout into a dense weight
-(`csrc/int4_dequant.c`). Inductor's compiled version of the same pass runs ~2 G elements/s on this
-CPU (partial vector loads of 32-byte rows) and costs 10-40% of a 512-token bf16 prefill; the C loop,
-auto-vectorised by the compiler for the build machine, reaches about twice that
-(bench/quant.py, `candidates`).
+Only what no library here does fast:
+* dequantizing torch's CPU int4 layout into a dense weight (`csrc/int4_dequant.c`). Inductor's
+  compiled version of the same pass runs ~2 G elements/s on this CPU (partial vector loads of
+  32-byte rows) and costs 10-40% of a 512-token bf16 prefill; the C loop, auto-vectorised by the
+  compiler for the build machine, reaches about twice that (bench/quant.py, `candidates`);
+* dequantizing frontier's bit-packed codes of any width (`csrc/packed_dequant.c`, for
+  `quantize.tensors.PackedIntxTensor`: int3, int5, ... and the formats without a kernel);
+* few-row (decode) matmuls straight from 4-bit codes where no kernel here reads them at memory
+  speed (`csrc/lowbit_gemv.c`): torch's int4 layout with float32 activations (aten's int4 kernel
+  takes bf16/fp16 only) and bitsandbytes NF4 without repacking the weight (bitsandbytes' fast CPU
+  kernel rewrites it in place at the first forward);
+* dequantizing the quantized KV caches (`csrc/kv_dequant.c`: KIVI's packed 2/4-bit codes for
+  `frontier.kivi`, int8 rows for `frontier.kvcache`): one pass per tensor into the dense
+  keys/values that attention reads.
+
+Shared by `frontier.quantize` and the KV caches, so it sits beside them, not in either.
 
 The shared library is cached per source, flags and CPU under ``$FRONTIER_KERNEL_CACHE`` (default
 ``~/.cache/frontier/kernels``), written to a temporary name and renamed (parallel jobs may build it
@@ -33,6 +44,8 @@ SOURCES = tuple(Path(__file__).with_name("csrc") / f for f in ("int4_dequant.c",
 HEADERS = (Path(__file__).with_name("csrc") / "bf16.h",)
 # -ffp-contract=off: multiply then add, as torch's vectorised ops (no fused multiply-add rounding)
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-std=c99")
+GEMV_MAX_ROWS = 64  # the gemv kernels loop over rows re-reading a cached weight block: for decode shapes
+_OUT_SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}  # output dtype -> kernel name suffix
 
 
 def enabled() -> bool:
@@ -102,22 +115,26 @@ def library(extra_flags: tuple = ()) -> Optional[ctypes.CDLL]:
     return lib
 
 
+def _f32_ok(*ts) -> bool:
+    return all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in ts)
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32).contiguous()
+
+
 def int4_dequant_t(out: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, n: int, k: int,
                    group: int, pre: Optional[torch.Tensor] = None) -> bool:
     """out [K, N] (bf16 or fp32, contiguous) = Wᵀ of torch's CPU int4 layout `qdata` (N % 64 == 0)
     with float32 `scale` / `zero` [K/group, N], each row k times float32 `pre[k]` when given
     (computed in float32, rounded once). False (nothing written) when the kernel cannot run."""
     lib = library() if out.device.type == "cpu" else None
-    fn = {torch.bfloat16: "int4_dequant_t_bf16", torch.float32: "int4_dequant_t_f32"}.get(out.dtype)
-    if (lib is None or fn is None or n % 64 or k % group or not out.is_contiguous() or out.numel() != n * k
-            or qdata.dtype != torch.uint8 or not qdata.is_contiguous() or qdata.numel() * 2 != n * k):
+    if (lib is None or out.dtype not in _OUT_SUFFIX or n % 64 or k % group or not out.is_contiguous()
+            or out.numel() != n * k or qdata.dtype != torch.uint8 or not qdata.is_contiguous()
+            or qdata.numel() * 2 != n * k or not _f32_ok(scale, zero) or scale.numel() != (k // group) * n
+            or zero.numel() != scale.numel() or (pre is not None and (not _f32_ok(pre) or pre.numel() != k))):
         return False
-    for t in (scale, zero):
-        if t.dtype != torch.float32 or not t.is_contiguous() or t.numel() != (k // group) * n:
-            return False
-    if pre is not None and (pre.dtype != torch.float32 or not pre.is_contiguous() or pre.numel() != k):
-        return False
-    getattr(lib, fn)(qdata.data_ptr(), scale.data_ptr(), zero.data_ptr(), None if pre is None else pre.data_ptr(),
+    getattr(lib, f"int4_dequant_t_{_OUT_SUFFIX[out.dtype]}")(qdata.data_ptr(), scale.data_ptr(), zero.data_ptr(), None if pre is None else pre.data_ptr(),
                      out.data_ptr(), n, k, group)
     return True
 
@@ -128,8 +145,7 @@ def packed_dequant(out: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, 
     (`pack_bits` layouts) and float32 scale / zero [N, K/group] (zero None: symmetric); computed in
     float32, rounded once. False (nothing written) when the kernel cannot run."""
     lib = (lib or library()) if out.device.type == "cpu" else None
-    fn = {torch.bfloat16: "packed_dequant_bf16", torch.float32: "packed_dequant_f32"}.get(out.dtype)
-    if lib is None or fn is None or out.dim() != 2 or not out.is_contiguous() or not 1 <= bits <= 8:
+    if lib is None or out.dtype not in _OUT_SUFFIX or out.dim() != 2 or not out.is_contiguous() or not 1 <= bits <= 8:
         return False
     n, k = out.shape
     nbytes = n * k * bits // 8
@@ -137,16 +153,9 @@ def packed_dequant(out: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, 
             or not _f32_ok(scale) or scale.numel() != n * (k // group)
             or (zero is not None and (not _f32_ok(zero) or zero.numel() != scale.numel()))):
         return False
-    getattr(lib, fn)(qdata.data_ptr(), scale.data_ptr(), None if zero is None else zero.data_ptr(), out.data_ptr(),
-                     n, k, group, bits)
+    getattr(lib, f"packed_dequant_{_OUT_SUFFIX[out.dtype]}")(
+        qdata.data_ptr(), scale.data_ptr(), None if zero is None else zero.data_ptr(), out.data_ptr(), n, k, group, bits)
     return True
-
-
-DECODE_MAX_ROWS = 64  # the gemv kernels loop over rows re-reading a cached weight block: for decode shapes
-
-
-def _f32_ok(*ts) -> bool:
-    return all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in ts)
 
 
 def int4_gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, n: int, k: int,
@@ -155,7 +164,7 @@ def int4_gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero: t
     float32 `scale` / `zero` [K/group, N]; None when the kernel cannot run."""
     lib = lib or library()
     m = x.shape[0] if x.dim() == 2 else 0
-    if (lib is None or not m or m > DECODE_MAX_ROWS or x.shape[1] != k or n % 64 or k % group
+    if (lib is None or not m or m > GEMV_MAX_ROWS or x.shape[1] != k or n % 64 or k % group
             or not _f32_ok(x, scale, zero) or qdata.dtype != torch.uint8 or not qdata.is_contiguous()
             or qdata.numel() * 2 != n * k or scale.numel() != (k // group) * n or zero.numel() != scale.numel()):
         return None
@@ -169,25 +178,25 @@ def nf4_gemv(x: torch.Tensor, packed: torch.Tensor, state, lib=None) -> Optional
     codes, `state` its QuantState, plain or double-quantized absmax), read where it lies; None when
     the kernel cannot run (another layout, block size, quant type or storage)."""
     lib = lib or library()
-    n, k = (tuple(state.shape) + (0, 0))[:2] if len(state.shape) == 2 else (0, 0)
+    n, k = tuple(state.shape) if len(state.shape) == 2 else (0, 0)
     bs = state.blocksize
     m = x.shape[0] if x.dim() == 2 else 0
     code = state.code
-    if (lib is None or not m or m > DECODE_MAX_ROWS or not n or x.shape[1] != k or bs % 32 or k % bs
+    if (lib is None or not m or m > GEMV_MAX_ROWS or not n or x.shape[1] != k or bs % 32 or k % bs
             or state.quant_type != "nf4" or code is None or code.numel() != 16 or not _f32_ok(x)
             or packed.dtype != torch.uint8 or not packed.is_contiguous() or packed.numel() * 2 != n * k):
         return None
-    code = code.to(torch.float32).contiguous()
+    code = _f32(code)
     if state.nested:
         s2 = state.state2
         if (state.absmax.dtype != torch.uint8 or s2.code is None or s2.code.numel() != 256
                 or not state.absmax.is_contiguous()):
             return None
         absmax, aq = None, state.absmax
-        code2, absmax2 = s2.code.to(torch.float32).contiguous(), s2.absmax.to(torch.float32).contiguous()
+        code2, absmax2 = _f32(s2.code), _f32(s2.absmax)
         bs2, offset = s2.blocksize, float(state.offset)
     else:
-        absmax, aq, code2, absmax2, bs2, offset = state.absmax.to(torch.float32).contiguous(), None, None, None, 1, 0.0
+        absmax, aq, code2, absmax2, bs2, offset = _f32(state.absmax), None, None, None, 1, 0.0
     if (absmax if absmax is not None else aq).numel() != n * k // bs:
         return None
     y = torch.empty(m, n, dtype=torch.float32)
@@ -195,9 +204,6 @@ def nf4_gemv(x: torch.Tensor, packed: torch.Tensor, state, lib=None) -> Optional
     lib.nf4_gemv_f32(packed.data_ptr(), ptr(absmax), ptr(aq), ptr(code2), ptr(absmax2), bs2, offset,
                      code.data_ptr(), x.data_ptr(), y.data_ptr(), m, n, k, bs)
     return y
-
-
-_OUT_SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
 
 def _kivi_args_ok(out: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int):
@@ -233,7 +239,7 @@ def kivi_keys(out: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero:
     per = 8 // bits
     if n % group or group % per or codes.shape != (b, h, n // per, d) or scale.shape != (b, h, n // group, d):
         return False
-    s, z = scale.to(torch.float32).contiguous(), zero.to(torch.float32).contiguous()
+    s, z = _f32(scale), _f32(zero)
     getattr(lib, f"kivi_keys_{_OUT_SUFFIX[out.dtype]}")(codes.data_ptr(), s.data_ptr(), z.data_ptr(), out.data_ptr(),
                                                       b * h, n // group, group // per, d, bits, out.stride(1))
     return True
@@ -250,7 +256,7 @@ def kivi_values(out: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zer
     per = 8 // bits
     if d % group or codes.shape != (b, h, -(-n // per), d) or scale.shape != (b, h, n, d // group):
         return False
-    s, z = scale.to(torch.float32).contiguous(), zero.to(torch.float32).contiguous()
+    s, z = _f32(scale), _f32(zero)
     getattr(lib, f"kivi_values_{_OUT_SUFFIX[out.dtype]}")(codes.data_ptr(), s.data_ptr(), z.data_ptr(), out.data_ptr(),
                                                         b * h, n, d, group, bits, out.stride(1))
     return True

@@ -172,6 +172,12 @@ def scratch_bytes() -> int:
     return sum(b.numel() * b.element_size() for b in _SCRATCH.values())
 
 
+def _int4_scale_zero(w):
+    """float32 contiguous (scale, zero) [K/g, N] of an `Int4OpaqueTensor`, as the C kernels take them."""
+    sz = w.scale_and_zero  # [K/g, N, 2]
+    return sz[..., 0].to(torch.float32).contiguous(), sz[..., 1].to(torch.float32).contiguous()
+
+
 def _int4_dense(w, dtype, scratch: bool) -> torch.Tensor:
     n, k = w.shape
     g = w.block_size[1]
@@ -179,7 +185,7 @@ def _int4_dense(w, dtype, scratch: bool) -> torch.Tensor:
     if (w.device.type == "cpu" and n % 64 == 0 and n * k >= COMPILE_MIN_WEIGHTS and w.qdata.dtype == torch.uint8
             and w.qdata.numel() * 2 == n * k and _int4_layout_ok(0)):
         out = _buffer(n * k, dtype, scratch).view(k, n // 64, 2, 32)
-        s, z = sz[..., 0].to(torch.float32).contiguous(), sz[..., 1].to(torch.float32).contiguous()
+        s, z = _int4_scale_zero(w)
         if cpu_kernels.int4_dequant_t(out.view(k, n), w.qdata, s, z, n, k, g):  # the C kernel: ~2x Inductor's
             return out.view(k, n).t()
         blk_t = _buffer(n * k // 2, torch.uint8, scratch).view(k, n // 64, 1, 32)  # bytes only: 1/4 of the output
@@ -249,11 +255,10 @@ def _int4_gemv(x2, w):
     """The C kernel reading the int4 layout where it lies, float32 accumulation (the fp32 choice:
     aten's int4 kernel takes bf16/fp16 activations only)."""
     n, k = w.shape
-    sz = w.scale_and_zero
     y = None
     if w.device.type == "cpu" and _int4_layout_ok(0):
-        y = cpu_kernels.int4_gemv(x2.to(torch.float32).contiguous(), w.qdata, sz[..., 0].to(torch.float32).contiguous(),
-                                  sz[..., 1].to(torch.float32).contiguous(), n, k, w.block_size[1])
+        y = cpu_kernels.int4_gemv(x2.to(torch.float32).contiguous(), w.qdata, *_int4_scale_zero(w), n, k,
+                                  w.block_size[1])
     return y.to(x2.dtype) if y is not None else _dequant_matmul(x2, w)
 
 
@@ -346,9 +351,8 @@ def _int4_prescaled(x: torch.Tensor, w, pre: torch.Tensor) -> Optional[torch.Ten
                                                                                            torch.float32)
             or x.numel() // k <= DECODE_MAX_ROWS or n % 64 or n * k < COMPILE_MIN_WEIGHTS or not _int4_layout_ok(0)):
         return None
-    sz = w.scale_and_zero
     out = _buffer(n * k, x.dtype, True).view(k, n)
-    s, z = sz[..., 0].to(torch.float32).contiguous(), sz[..., 1].to(torch.float32).contiguous()
+    s, z = _int4_scale_zero(w)
     if not cpu_kernels.int4_dequant_t(out, w.qdata, s, z, n, k, w.block_size[1], pre.to(torch.float32).contiguous()):
         return None
     return F.linear(x.reshape(-1, k), out.t()).reshape(*x.shape[:-1], n)
